@@ -1,0 +1,5 @@
+import sys
+
+from kvlm.cli import main
+
+sys.exit(main())

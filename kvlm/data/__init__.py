@@ -1,0 +1,25 @@
+"""Datasets, tokenizer and the tf.data input pipeline."""
+
+from kvlm.data import shapes
+from kvlm.data.example import Example
+from kvlm.data.folder import AnnotationError, load_folder
+from kvlm.data.pipeline import answer_vocabulary, encode_answers, make_dataset
+from kvlm.data.preprocessing import decode_image, make_augmenter, resize_image
+from kvlm.data.tokenizer import build_vocabulary, load_vocabulary, make_tokenizer, save_vocabulary
+
+__all__ = [
+    "AnnotationError",
+    "Example",
+    "answer_vocabulary",
+    "build_vocabulary",
+    "decode_image",
+    "encode_answers",
+    "load_folder",
+    "load_vocabulary",
+    "make_augmenter",
+    "make_dataset",
+    "make_tokenizer",
+    "resize_image",
+    "save_vocabulary",
+    "shapes",
+]

@@ -1,0 +1,99 @@
+"""The tf.data input pipeline: decode, resize, augment, tokenize, batch, prefetch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from kvlm.data.example import Example
+from kvlm.data.preprocessing import decode_image, make_augmenter, resize_image
+
+
+def answer_vocabulary(examples: Sequence[Example]) -> list[str]:
+    """Sorted distinct answers: the classifier's label set."""
+    return sorted({e.answer for e in examples})
+
+
+def encode_answers(examples: Sequence[Example], answers: Sequence[str]) -> np.ndarray:
+    """Maps each example's answer to its index in `answers`."""
+    index = {a: i for i, a in enumerate(answers)}
+    unknown = sorted({e.answer for e in examples} - set(index))
+    if unknown:
+        raise ValueError(f"Answers not in the label set: {unknown[:10]}. Label set: {list(answers)[:20]}")
+    return np.array([index[e.answer] for e in examples], dtype=np.int32)
+
+
+def _source(examples: Sequence[Example]) -> tf.data.Dataset:
+    """A dataset of uint8 images (any size) paired with the example index."""
+    indices = np.arange(len(examples), dtype=np.int64)
+    if all(e.image is not None for e in examples):
+        shapes = {e.image.shape for e in examples}
+        if len(shapes) == 1:
+            images = np.stack([e.image for e in examples]).astype(np.uint8)
+            return tf.data.Dataset.from_tensor_slices((images, indices))
+
+        def generate():
+            for i, e in enumerate(examples):
+                yield e.image.astype(np.uint8), i
+
+        return tf.data.Dataset.from_generator(
+            generate,
+            output_signature=(
+                tf.TensorSpec((None, None, 3), tf.uint8),
+                tf.TensorSpec((), tf.int64),
+            ),
+        )
+    if all(e.image_path is not None for e in examples):
+        paths = [e.image_path for e in examples]
+        return tf.data.Dataset.from_tensor_slices((paths, indices)).map(
+            lambda path, i: (decode_image(tf.io.read_file(path)), i),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    raise ValueError("Every example needs an in-memory `image`, or every example an `image_path`.")
+
+
+def make_dataset(
+    examples: Sequence[Example],
+    tokenizer,
+    answers: Sequence[str],
+    image_size: int,
+    batch_size: int = 64,
+    shuffle: bool = False,
+    augment: bool = False,
+    seed: int = 0,
+) -> tf.data.Dataset:
+    """Builds `({"images", "token_ids"}, label)` batches from examples.
+
+    Args:
+        examples: Records with in-memory images or image paths.
+        tokenizer: A keras-hub tokenizer with a fixed `sequence_length`.
+        answers: The label set; each example's answer must be in it.
+        image_size: Side of the square model input.
+        batch_size: Examples per batch.
+        shuffle: Reshuffle every epoch (deterministic from `seed`).
+        augment: Apply tf-models-official RandAugment with answer-preserving operations.
+        seed: Shuffle seed.
+    """
+    if not examples:
+        raise ValueError("`examples` is empty.")
+    labels = tf.constant(encode_answers(examples, answers))
+    questions = tf.constant([e.question for e in examples])
+    dataset = _source(examples)
+    if shuffle:
+        dataset = dataset.shuffle(min(len(examples), 50_000), seed=seed, reshuffle_each_iteration=True)
+    augmenter = make_augmenter() if augment else None
+
+    def to_features(image, index):
+        if augmenter is not None:
+            image = augmenter(image)
+        return resize_image(image, image_size), tf.gather(questions, index), tf.gather(labels, index)
+
+    dataset = dataset.map(to_features, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.batch(batch_size)
+    dataset = dataset.map(
+        lambda images, text, label: ({"images": images, "token_ids": tokenizer(text)}, label),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    return dataset.prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,153 @@
+"""The VLM backbone: image encoder + text encoder + fusion blocks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+from keras import ops
+
+from kvlm.layers import CNNEncoder, FusionBlock, ModalityFusion, TextEncoder, ViTEncoder
+from kvlm.models.presets import get_preset
+
+ENCODERS = ("vit", "cnn")
+
+
+@keras.saving.register_keras_serializable(package="kvlm")
+class VLMBackbone(keras.Model):
+    """Functional backbone mapping `{"images", "token_ids"}` to fused token features.
+
+    Args:
+        vocabulary_size: Number of text token ids (0 is padding).
+        image_size: Side of the square input images.
+        encoder: `"vit"` or `"cnn"`.
+        patch_size: ViT patch side.
+        cnn_filters, cnn_stages: CNN encoder width and number of downsampling stages.
+        sequence_length: Number of text tokens.
+        hidden_dim, num_heads, intermediate_dim: Transformer sizes shared by all parts.
+        num_image_layers, num_text_layers, num_fusion_layers: Depths.
+        dropout: Dropout rate.
+        moe: Optional `kvlm.layers.SparseMoE` arguments; when given, every other fusion
+            block (the 2nd, 4th, ...) uses a SparseMoE feed-forward (V-MoE placement).
+
+    Outputs a dict: `sequence_output` `(batch, 1 + N + L, hidden_dim)`, `pooled_output`
+    (the [CLS] token), `padding_mask` and `modality` ids of the fused sequence.
+    """
+
+    def __init__(
+        self,
+        vocabulary_size: int,
+        image_size: int = 32,
+        encoder: str = "vit",
+        patch_size: int = 4,
+        cnn_filters: int = 32,
+        cnn_stages: int = 2,
+        sequence_length: int = 16,
+        hidden_dim: int = 64,
+        num_heads: int = 4,
+        intermediate_dim: int = 128,
+        num_image_layers: int = 1,
+        num_text_layers: int = 1,
+        num_fusion_layers: int = 2,
+        dropout: float = 0.0,
+        moe: dict[str, Any] | None = None,
+        dtype=None,
+        **kwargs,
+    ):
+        if encoder not in ENCODERS:
+            raise ValueError(f"`encoder` must be one of {ENCODERS}. Received: encoder={encoder!r}")
+        if vocabulary_size < 2:
+            raise ValueError(f"`vocabulary_size` must be >= 2. Received: vocabulary_size={vocabulary_size}")
+        images = keras.Input((image_size, image_size, 3), dtype="float32", name="images")
+        token_ids = keras.Input((sequence_length,), dtype="int32", name="token_ids")
+
+        if encoder == "vit":
+            image_encoder = ViTEncoder(
+                image_size, patch_size, hidden_dim, num_image_layers, num_heads, intermediate_dim,
+                dropout, dtype=dtype, name="image_encoder",
+            )
+        else:
+            image_encoder = CNNEncoder(
+                image_size, hidden_dim, cnn_filters, cnn_stages, dtype=dtype, name="image_encoder"
+            )
+        text_encoder = TextEncoder(
+            vocabulary_size, sequence_length, hidden_dim, num_text_layers, num_heads,
+            intermediate_dim, dropout, dtype=dtype, name="text_encoder",
+        )
+        image_tokens = image_encoder(images)
+        text_tokens = text_encoder(token_ids)
+        text_mask = ops.not_equal(token_ids, 0)
+        x, padding_mask, modality = ModalityFusion(hidden_dim, dtype=dtype, name="modality_fusion")(
+            image_tokens, text_tokens, text_mask
+        )
+        for i in range(num_fusion_layers):
+            ffn = None
+            if moe is not None and i % 2 == 1:
+                from kvlm.layers.moe import SparseMoE
+
+                ffn = SparseMoE(**moe, dtype=dtype, name=f"moe_{i}")
+            x = FusionBlock(
+                hidden_dim, num_heads, intermediate_dim, dropout, ffn=ffn, dtype=dtype,
+                name=f"fusion_block_{i}",
+            )(x, padding_mask=padding_mask, modality=modality)
+        x = keras.layers.LayerNormalization(epsilon=1e-6, dtype=dtype, name="final_norm")(x)
+        pooled = x[:, 0, :]
+        super().__init__(
+            inputs={"images": images, "token_ids": token_ids},
+            outputs={
+                "sequence_output": x,
+                "pooled_output": pooled,
+                "padding_mask": padding_mask,
+                "modality": modality,
+            },
+            dtype=dtype,
+            **kwargs,
+        )
+        self.vocabulary_size = vocabulary_size
+        self.image_size = image_size
+        self.encoder = encoder
+        self.patch_size = patch_size
+        self.cnn_filters = cnn_filters
+        self.cnn_stages = cnn_stages
+        self.sequence_length = sequence_length
+        self.hidden_dim = hidden_dim
+        self.num_heads = num_heads
+        self.intermediate_dim = intermediate_dim
+        self.num_image_layers = num_image_layers
+        self.num_text_layers = num_text_layers
+        self.num_fusion_layers = num_fusion_layers
+        self.dropout = dropout
+        self.moe = moe
+
+    @classmethod
+    def from_preset(cls, preset: str, vocabulary_size: int, **overrides) -> "VLMBackbone":
+        """Builds a backbone from a preset name, with keyword overrides."""
+        config = get_preset(preset)
+        config.update(overrides)
+        return cls(vocabulary_size=vocabulary_size, **config)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "dtype": keras.dtype_policies.serialize(self.dtype_policy),
+            "vocabulary_size": self.vocabulary_size,
+            "image_size": self.image_size,
+            "encoder": self.encoder,
+            "patch_size": self.patch_size,
+            "cnn_filters": self.cnn_filters,
+            "cnn_stages": self.cnn_stages,
+            "sequence_length": self.sequence_length,
+            "hidden_dim": self.hidden_dim,
+            "num_heads": self.num_heads,
+            "intermediate_dim": self.intermediate_dim,
+            "num_image_layers": self.num_image_layers,
+            "num_text_layers": self.num_text_layers,
+            "num_fusion_layers": self.num_fusion_layers,
+            "dropout": self.dropout,
+            "moe": self.moe,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Creates (or refreshes) the project's virtual environment in .venv and activates it.
+# Sourced by the other scripts; safe to run on a fresh machine.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+STAMP="$VENV/.kvlm-installed"
+needs_install=0
+[ -x "$VENV/bin/python" ] || needs_install=1
+[ -f "$STAMP" ] || needs_install=1
+if [ "$needs_install" = 0 ]; then
+  for f in "$ROOT/pyproject.toml" "$ROOT"/plugins/*/pyproject.toml; do
+    [ -f "$f" ] && [ "$f" -nt "$STAMP" ] && needs_install=1
+  done
+fi
+if [ "$needs_install" = 1 ]; then
+  echo "kvlm: setting up $VENV" >&2
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  args=(-e "$ROOT[jax,torch,dev]")
+  for p in "$ROOT"/plugins/*/; do
+    [ -f "$p/pyproject.toml" ] && args+=(-e "$p")
+  done
+  "$VENV/bin/python" -m pip install --quiet "${args[@]}"
+  touch "$STAMP"
+fi
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
