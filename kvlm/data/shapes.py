@@ -33,7 +33,7 @@ def _shape_mask(kind: str, size: int, center_x: float, center_y: float, radius: 
     if kind == "circle":
         return dx**2 + dy**2 <= radius**2
     if kind == "square":
-        half = radius * 0.85
+        half = radius * 0.95
         return (np.abs(dx) <= half) & (np.abs(dy) <= half)
     # Upward triangle inscribed in the radius.
     top, bottom = -radius, radius * 0.8
@@ -49,9 +49,9 @@ def render(objects: list[dict], image_size: int, rng: np.random.Generator) -> np
     image += rng.normal(0.0, 6.0, image.shape)
     slot = image_size / 3.0
     for obj in objects:
-        radius = slot * (0.22 if obj["size"] == "small" else 0.42)
+        radius = slot * (0.32 if obj["size"] == "small" else 0.48)
         cx = slot * (POSITIONS.index(obj["position"]) + 0.5) + rng.uniform(-0.08, 0.08) * slot
-        cy = image_size / 2.0 + rng.uniform(-0.25, 0.25) * image_size
+        cy = image_size / 2.0 + rng.uniform(-0.12, 0.12) * image_size
         mask = _shape_mask(obj["shape"], image_size, cx, cy, radius)
         color = np.array(COLORS[obj["color"]], np.float32) + rng.normal(0.0, 8.0, 3)
         image[mask] = color
@@ -60,7 +60,8 @@ def render(objects: list[dict], image_size: int, rng: np.random.Generator) -> np
 
 def caption_for(objects: list[dict]) -> str:
     """A caption listing the objects from left to right."""
-    parts = [f"a {o['size']} {o['color']} {o['shape']} on the {o['position']}" for o in objects]
+    where = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
+    parts = [f"a {o['size']} {o['color']} {o['shape']} {where[o['position']]}" for o in objects]
     return " and ".join(parts)
 
 

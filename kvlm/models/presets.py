@@ -9,7 +9,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "kvlm_tiny": dict(
         image_size=32, patch_size=8, cnn_filters=32, cnn_stages=2, sequence_length=16,
         hidden_dim=64, num_heads=4, intermediate_dim=128,
-        num_image_layers=1, num_text_layers=1, num_fusion_layers=2, dropout=0.0,
+        num_image_layers=1, num_text_layers=1, num_fusion_layers=3, dropout=0.0,
     ),
     "kvlm_small": dict(
         image_size=64, patch_size=8, cnn_filters=64, cnn_stages=3, sequence_length=32,

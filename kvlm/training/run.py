@@ -36,12 +36,12 @@ class TrainConfig:
     preset: str = "kvlm_tiny"
     encoder: str = "cnn"
     data_dir: str | None = None
-    train_size: int = 12000
+    train_size: int = 24000
     eval_size: int = 2000
     eval_fraction: float = 0.2
-    epochs: int = 12
+    epochs: int = 8
     batch_size: int = 64
-    learning_rate: float = 3e-3
+    learning_rate: float = 2e-3
     weight_decay: float = 1e-4
     vocabulary_size: int = 400
     augment: bool = False
