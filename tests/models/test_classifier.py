@@ -12,17 +12,17 @@ def test_classifier_shapes_and_parameter_count(encoder, tiny_inputs):
     assert logits.shape == (3, 7)
     assert np.isfinite(logits).all()
     # Parameter counts of the tiny presets; a change here is a change of architecture.
-    assert model.count_params() == {"vit": 180_551, "cnn": 202_439}[encoder]
+    assert model.count_params() == {"vit": 186_695, "cnn": 199_367}[encoder]
 
 
 def test_backbone_outputs(tiny_inputs):
     backbone = VLMBackbone.from_preset("kvlm_tiny", vocabulary_size=60)
     out = backbone(tiny_inputs)
-    assert tuple(out["sequence_output"].shape) == (3, 1 + 64 + 16, 64)
+    assert tuple(out["sequence_output"].shape) == (3, 1 + 16 + 16, 64)
     assert tuple(out["pooled_output"].shape) == (3, 64)
     mask = keras.ops.convert_to_numpy(out["padding_mask"])
-    np.testing.assert_array_equal(mask[:, 65:], tiny_inputs["token_ids"] != 0)
-    assert mask[:, :65].all()
+    np.testing.assert_array_equal(mask[:, 17:], tiny_inputs["token_ids"] != 0)
+    assert mask[:, :17].all()
 
 
 def test_keras_file_round_trip_gives_identical_predictions(tmp_path, tiny_inputs):
