@@ -45,7 +45,11 @@ def test_vit_encoder_shape_and_round_trip():
 
 
 def test_cnn_encoder_shape_and_round_trip():
+    # A stride-2 stem and three stride-2 stages: 32 / 2**4 = 2, so a 2 x 2 grid of tokens.
     layer = CNNEncoder(32, 48, filters=16, num_stages=3)
+    assert layer.num_tokens == 4
+    assert _round_trip(layer, IMAGES).shape == (2, 4, 48)
+    layer = CNNEncoder(32, 48, filters=16, num_stages=2)
     assert _round_trip(layer, IMAGES).shape == (2, 16, 48)
 
 
