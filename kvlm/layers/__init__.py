@@ -2,6 +2,7 @@
 
 from kvlm.layers.cnn_encoder import CNNEncoder, ResidualConvBlock
 from kvlm.layers.fusion import FeedForward, FusionBlock, ModalityFusion
+from kvlm.layers.moe import SparseMoE
 from kvlm.layers.patch_embedding import PatchEmbedding
 from kvlm.layers.text_encoder import TextEncoder
 from kvlm.layers.vit_encoder import ViTEncoder
@@ -13,6 +14,7 @@ __all__ = [
     "ModalityFusion",
     "PatchEmbedding",
     "ResidualConvBlock",
+    "SparseMoE",
     "TextEncoder",
     "ViTEncoder",
 ]
