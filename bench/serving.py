@@ -1,0 +1,308 @@
+"""Serving benchmark: the embedded gRPC server with and without batching.
+
+Measures, in one run on one machine:
+  * throughput and client-side p50/p99 latency of N concurrent clients x M requests
+    (one example per request) against `kvlm serve` with and without `--enable_batching`;
+  * p50 latency of single requests from one client (no batching) against a direct
+    in-process call of the same SavedModel signature on the same inputs.
+
+Targets: batched throughput >= 3x unbatched at 32 clients; server p50 at batch 1
+<= 1.3x the direct call. Every request must succeed.
+
+Usage:
+    python bench/serving.py                      # tiny random-weight model
+    python bench/serving.py --run runs/vqa       # a trained run
+Writes bench/results/serving.json and serving.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import tensorflow_text  # noqa: E402,F401
+from tensorflow_serving.apis import prediction_service_pb2_grpc  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCHING = """max_batch_size {{ value: {max_batch_size} }}
+batch_timeout_micros {{ value: {timeout} }}
+max_enqueued_batches {{ value: 100 }}
+num_batch_threads {{ value: {threads} }}
+"""
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+class ServerProcess:
+    """`kvlm serve` in a subprocess on a free port."""
+
+    def __init__(self, base_path: Path, extra: list[str]):
+        command = [
+            sys.executable, "-m", "kvlm", "serve", "--port", "0", "--model_name", "kvlm",
+            "--model_base_path", str(base_path), "--file_system_poll_wait_seconds", "0", *extra,
+        ]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+        line = self.process.stdout.readline()
+        if "Running gRPC ModelServer at" not in line:
+            self.process.kill()
+            raise RuntimeError(f"server did not start: {line!r}")
+        self.target = line.strip().rsplit(" ", 1)[-1]
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the server process has used so far."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+
+
+def measured_load(server: ServerProcess, requests: list, clients: int, per_client: int) -> dict:
+    """`load` plus the server's CPU time per request."""
+    start = server.cpu_seconds()
+    result = load(server.target, requests, clients, per_client)
+    result["server_cpu_ms_per_request"] = (server.cpu_seconds() - start) * 1e3 / result["requests"]
+    return result
+
+
+def load(target: str, requests: list, clients: int, per_client: int, timeout: float = 60.0) -> dict:
+    """`clients` threads, each with its own channel, sending `per_client` requests in a row."""
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    batch_sizes: list[list[int]] = [[] for _ in range(clients)]
+    errors: list[str] = []
+    barrier = threading.Barrier(clients + 1)
+
+    def client(index: int) -> None:
+        channel = grpc.insecure_channel(target)
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        request = requests[index % len(requests)]
+        stub.Predict(request, timeout=timeout)  # connect before the clock starts
+        barrier.wait()
+        for _ in range(per_client):
+            start = time.perf_counter()
+            try:
+                _, call = stub.Predict.with_call(request, timeout=timeout)
+            except grpc.RpcError as error:
+                errors.append(f"{error.code().name}: {error.details()}")
+                continue
+            latencies[index].append(time.perf_counter() - start)
+            metadata = dict(call.trailing_metadata() or ())
+            batch_sizes[index].append(int(metadata.get("kvlm-batch-size", 1)))
+        channel.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - start
+    flat = [x for part in latencies for x in part]
+    sizes = [x for part in batch_sizes for x in part]
+    return {
+        "clients": clients,
+        "requests": clients * per_client,
+        "errors": len(errors),
+        "error_examples": sorted(set(errors))[:5],
+        "seconds": seconds,
+        "throughput_rps": len(flat) / seconds,
+        "p50_ms": percentile(flat, 50) * 1e3,
+        "p99_ms": percentile(flat, 99) * 1e3,
+        "mean_batch_size_seen": float(np.mean(sizes)) if sizes else 0.0,
+        "max_batch_size_seen": max(sizes, default=0),
+    }
+
+
+def batch1_latencies(version_dir: Path, target: str, request, image: bytes, text: str, calls: int):
+    """Latencies of single requests: a direct in-process call of the SavedModel's
+    serving_default, and the same input through the server, alternating call by call
+    so that both see the same machine load. Returns `(direct, served)` in seconds."""
+    model = tf.saved_model.load(str(version_dir))
+    function = model.signatures["serving_default"]
+    channel = grpc.insecure_channel(target)
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+
+    def direct_call():
+        outputs = function(image_bytes=tf.constant([image]), text=tf.constant([text]))
+        return {k: v.numpy() for k, v in outputs.items()}
+
+    direct, served = [], []
+    for i in range(calls + 10):
+        start = time.perf_counter()
+        direct_call()
+        middle = time.perf_counter()
+        stub.Predict(request, timeout=30)
+        end = time.perf_counter()
+        if i >= 10:  # warm-up
+            direct.append(middle - start)
+            served.append(end - middle)
+    channel.close()
+    return direct, served
+
+
+def prepare(run: str | None, workdir: Path) -> Path:
+    """Exports `run` (or a tiny random-weight run) to `workdir/saved_models/kvlm/1`."""
+    from kvlm.export import export_model
+    from kvlm.export.testing import make_tiny_run
+
+    run_dir = Path(run) if run else make_tiny_run(workdir / "run")
+    return export_model(run_dir, base_path=workdir / "saved_models", name="kvlm")
+
+
+def to_markdown(result: dict) -> str:
+    rows = [
+        "| scenario | clients | requests | errors | throughput (req/s) | p50 (ms) | p99 (ms) | mean batch "
+        "| server CPU/request (ms) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    scenarios = [("unbatched", result["unbatched"])] + [
+        (f"batched, num_batch_threads={k}" + (" (target)" if r is result["batched"] else ""), r)
+        for k, r in result["batched_by_num_batch_threads"].items()
+    ]
+    for name, r in scenarios:
+        rows.append(
+            f"| {name} | {r['clients']} | {r['requests']} | {r['errors']} | {r['throughput_rps']:.1f} | "
+            f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['mean_batch_size_seen']:.1f} "
+            f"| {r['server_cpu_ms_per_request']:.2f} |"
+        )
+    single = result["batch1_latency"]
+    targets = result["targets"]
+    return "\n".join([
+        "# Serving benchmark",
+        "",
+        f"Machine: {result['machine']['cpus']} CPUs ({result['machine']['platform']}), load average "
+        f"{result['machine']['load_before']} before, {result['machine']['load_after']} after. "
+        f"Model: {result['model']}. Server: `kvlm serve` subprocess; clients: threads in the benchmark process "
+        "(one channel each, one example per request, sharing the machine with the server).",
+        "",
+        f"Batching: max_batch_size {result['batching']['max_batch_size']}, batch_timeout_micros "
+        f"{result['batching']['batch_timeout_micros']}. With num_batch_threads=1 one batch runs at a time and "
+        "TensorFlow's intra-op threads use every core for it; with more threads than the machine has spare cores, "
+        "batches run side by side, stay smaller and cost more per example.",
+        "",
+        *rows,
+        "",
+        f"Batch-1 latency (1 client, no batching, {single['calls']} calls alternating with direct calls): "
+        f"server p50 {single['server_p50_ms']:.2f} ms, direct in-process call p50 {single['direct_p50_ms']:.2f} ms "
+        f"(ratio {single['ratio']:.2f}).",
+        "",
+        f"- batched / unbatched throughput: {targets['throughput_ratio']:.2f}x (target >= 3): "
+        f"{'met' if targets['throughput_met'] else 'MISSED'}",
+        f"- server p50 / direct p50 at batch 1: {targets['latency_ratio']:.2f}x (target <= 1.3): "
+        f"{'met' if targets['latency_met'] else 'MISSED'}",
+        f"- errors: {targets['errors']} (target 0): {'met' if targets['errors'] == 0 else 'MISSED'}",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", default=None, help="run folder to export (default: a tiny random-weight run)")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=100, help="requests per client")
+    parser.add_argument("--single-calls", type=int, default=300, help="batch-1 calls per side")
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--batch-timeout-micros", type=int, default=2000)
+    parser.add_argument("--batch-threads", type=int, default=1,
+                        help="num_batch_threads: 1 runs one batch at a time, TensorFlow using every core for it")
+    parser.add_argument("--compare-batch-threads", type=int, nargs="*", default=[2],
+                        help="also measure these num_batch_threads values (reported, not used for the target)")
+    parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "serving.json"))
+    args = parser.parse_args(argv)
+
+    from kvlm.export.testing import example_requests
+    from kvlm.export.warmup import make_predict_request
+
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        version_dir = prepare(args.run, Path(tmp))
+        image_size = json.loads((version_dir / "assets.extra" / "kvlm.json").read_text())["image_size"]
+        images, texts = example_requests(64, image_size=image_size)
+        requests = [make_predict_request("kvlm", [i], [t]) for i, t in zip(images, texts)]
+        base_path = version_dir.parent
+
+        server = ServerProcess(base_path, [])
+        try:
+            direct, served = batch1_latencies(
+                version_dir, server.target, requests[0], images[0], texts[0], args.single_calls
+            )
+            unbatched = measured_load(server, requests, args.clients, args.requests)
+        finally:
+            server.stop()
+
+        batched_runs = {}
+        for threads in (args.batch_threads, *args.compare_batch_threads):
+            config = Path(tmp) / f"batching_{threads}.config"
+            config.write_text(BATCHING.format(
+                max_batch_size=args.max_batch_size, timeout=args.batch_timeout_micros, threads=threads
+            ))
+            server = ServerProcess(base_path, ["--enable_batching", "--batching_parameters_file", str(config)])
+            try:
+                batched_runs[threads] = measured_load(server, requests, args.clients, args.requests)
+            finally:
+                server.stop()
+        batched = batched_runs[args.batch_threads]
+
+    direct_p50 = percentile(direct, 50) * 1e3
+    served_p50 = percentile(served, 50) * 1e3
+    result = {
+        "machine": {
+            "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "tensorflow": tf.__version__, "grpcio": grpc.__version__,
+            "load_before": [round(x, 2) for x in load_before],
+            "load_after": [round(x, 2) for x in os.getloadavg()],
+        },
+        "model": f"run {args.run}" if args.run else "kvlm_tiny (CNN encoder, random weights), 32x32 PNG + question",
+        "batching": {
+            "max_batch_size": args.max_batch_size, "batch_timeout_micros": args.batch_timeout_micros,
+            "num_batch_threads": args.batch_threads, "max_enqueued_batches": 100,
+        },
+        "unbatched": unbatched,
+        "batched": batched,
+        "batched_by_num_batch_threads": {str(k): v for k, v in batched_runs.items()},
+        "batch1_latency": {
+            "calls": len(served), "server_p50_ms": served_p50, "server_p99_ms": percentile(served, 99) * 1e3,
+            "direct_p50_ms": direct_p50, "direct_p99_ms": percentile(direct, 99) * 1e3,
+            "ratio": served_p50 / direct_p50,
+        },
+        "command": "python bench/serving.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    ratio = batched["throughput_rps"] / unbatched["throughput_rps"]
+    result["targets"] = {
+        "throughput_ratio": ratio,
+        "throughput_met": ratio >= 3.0,
+        "latency_ratio": result["batch1_latency"]["ratio"],
+        "latency_met": result["batch1_latency"]["ratio"] <= 1.3,
+        "errors": unbatched["errors"] + sum(r["errors"] for r in batched_runs.values()),
+    }
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    output.with_suffix(".md").write_text(to_markdown(result))
+    print(to_markdown(result))
+    return 0 if result["targets"]["errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""`kvlm export`: a trained run folder -> `saved_models/<name>/<version>/` for TF Serving."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    """Adds the `export` command."""
+    parser = subparsers.add_parser(
+        "export",
+        help="export a trained run as a TF Serving SavedModel (raw image bytes + text in, answer out)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", default="runs/vqa", help="run folder written by `kvlm train`")
+    parser.add_argument("--base-path", default="saved_models", help="TF Serving model base path")
+    parser.add_argument("--name", default="kvlm", help="model name (a folder under --base-path)")
+    parser.add_argument("--version", type=int, default=None, help="version number (default: next integer)")
+    parser.add_argument(
+        "--platforms", default=None,
+        help="JAX backend only: comma-separated devices to lower the model for, e.g. cpu,cuda",
+    )
+    parser.set_defaults(handler=run_export)
+
+
+def run_export(args) -> int:
+    from kvlm.export import export_model
+
+    platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip()) if args.platforms else None
+    path = export_model(args.model, base_path=args.base_path, name=args.name, version=args.version, platforms=platforms)
+    print(f"exported {args.model} to {path} (signature serving_default: image_bytes, text -> answer, score, scores, labels)")
+    return 0

@@ -1,0 +1,36 @@
+"""SavedModel export with in-graph preprocessing, in TF Serving's layout.
+
+`export_model(run_dir, base_path="saved_models", name="kvlm")` writes
+`saved_models/kvlm/<version>/` with a `serving_default` signature taking
+`image_bytes` and `text` (both `string[batch]`) and returning `answer`, `score`,
+`scores` and `labels` (see `kvlm.export.signatures`), plus warm-up requests in
+`assets.extra/tf_serving_warmup_requests`.
+
+Submodules import TensorFlow and Keras lazily, so `kvlm.export.layout` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "export_model": "kvlm.export.savedmodel",
+    "write_saved_model": "kvlm.export.savedmodel",
+    "make_serving_function": "kvlm.export.signatures",
+    "write_warmup_requests": "kvlm.export.warmup",
+    "validate_model_name": "kvlm.export.layout",
+    "next_version": "kvlm.export.layout",
+    "version_dirs": "kvlm.export.layout",
+    "SIGNATURE_NAME": "kvlm.export.signatures",
+    "INPUT_NAMES": "kvlm.export.signatures",
+    "OUTPUT_NAMES": "kvlm.export.signatures",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kvlm.export' has no attribute {name!r}")

@@ -1,0 +1,148 @@
+"""Writes a trained run as a TF Serving SavedModel with in-graph preprocessing.
+
+Backends:
+    tensorflow: the Keras model is traced into the graph directly.
+    jax: `keras.export.ExportArchive` converts the model with `jax2tf` (native
+        serialization). The model then lives in one `XlaCallModule` op holding
+        StableHLO; the preprocessing around it stays plain TF + tf-text ops. A
+        server needs a TensorFlow runtime whose `XlaCallModule` kernel accepts the
+        serialization version written by the installed JAX and has an XLA compiler
+        for its device (TF / TF Serving 2.20 does for CPU; a GPU server also needs
+        the model lowered for CUDA: pass `platforms=("cpu", "cuda")`).
+    torch: not supported; the `.keras` file is backend-independent, so export it
+        with `KERAS_BACKEND=tensorflow` (or `jax`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from kvlm.export.layout import next_version, validate_model_name
+from kvlm.export.signatures import (
+    FEATURES_SIGNATURE_NAME,
+    INPUT_NAMES,
+    OUTPUT_NAMES,
+    SIGNATURE_NAME,
+    make_serving_function,
+)
+from kvlm.export.warmup import WARMUP_DIR, write_warmup_requests
+
+EXPORT_BACKENDS = ("tensorflow", "jax")
+METADATA_FILE = "kvlm.json"
+
+
+def _check_backend() -> str:
+    backend = keras.backend.backend()
+    if backend not in EXPORT_BACKENDS:
+        raise ValueError(
+            f"SavedModel export needs the TensorFlow or JAX backend, not {backend!r}. "
+            "The .keras file is backend-independent: run the export with KERAS_BACKEND=tensorflow."
+        )
+    return backend
+
+
+def write_saved_model(
+    model: keras.Model,
+    tokenizer,
+    answers: Sequence[str],
+    path: str | Path,
+    model_name: str = "kvlm",
+    platforms: Sequence[str] | None = None,
+) -> Path:
+    """Writes `model` (a `VLMClassifier`) with preprocessing as a SavedModel at `path`.
+
+    Args:
+        model: The classifier; its backbone gives image size and sequence length.
+        tokenizer: The keras-hub tokenizer used in training.
+        answers: Label of each logit.
+        path: Folder to create (must not exist).
+        model_name: Model name written into the warm-up requests.
+        platforms: JAX only: devices to lower for, e.g. `("cpu", "cuda")`
+            (default: the device JAX runs on).
+    """
+    backend = _check_backend()
+    if len(answers) != model.output.shape[-1]:
+        raise ValueError(f"{len(answers)} answers for a model with {model.output.shape[-1]} outputs.")
+    image_size = model.backbone.image_size
+    sequence_length = model.backbone.sequence_length
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+
+    def logits(images, token_ids):
+        return model({"images": images, "token_ids": token_ids}, training=False)
+
+    kwargs = {}
+    if backend == "jax":
+        # Serving needs no gradients; without them the SavedModel has no custom-gradient functions.
+        kwargs["jax2tf_kwargs"] = {"with_gradient": False}
+        if platforms:
+            kwargs["jax2tf_kwargs"]["native_serialization_platforms"] = tuple(platforms)
+    logits_fn = archive.add_endpoint(
+        FEATURES_SIGNATURE_NAME,
+        logits,
+        input_signature=[
+            tf.TensorSpec((None, image_size, image_size, 3), tf.float32, name="images"),
+            tf.TensorSpec((None, sequence_length), tf.int32, name="token_ids"),
+        ],
+        **kwargs,
+    )
+    serve = make_serving_function(logits_fn, tokenizer, answers, image_size)
+    archive.add_endpoint(SIGNATURE_NAME, serve)
+    archive.write_out(str(path), verbose=False)
+
+    write_warmup_requests(path, model_name, image_size)
+    metadata = {
+        "signature": SIGNATURE_NAME,
+        "inputs": list(INPUT_NAMES),
+        "outputs": list(OUTPUT_NAMES),
+        "answers": list(answers),
+        "image_size": image_size,
+        "sequence_length": sequence_length,
+        "keras_backend": backend,
+    }
+    (Path(path) / WARMUP_DIR / METADATA_FILE).write_text(json.dumps(metadata, indent=2), encoding="utf-8")
+    return Path(path)
+
+
+def export_model(
+    run_dir: str | Path,
+    base_path: str | Path = "saved_models",
+    name: str = "kvlm",
+    version: int | None = None,
+    platforms: Sequence[str] | None = None,
+) -> Path:
+    """Exports a run folder to `<base_path>/<name>/<version>/`; returns that folder.
+
+    `version` defaults to one more than the highest existing version. The SavedModel
+    is written to a hidden temporary folder and renamed into place, so a polling
+    server never sees a half-written version.
+    """
+    from kvlm.training.run import load_run
+
+    validate_model_name(name)
+    _check_backend()
+    model_dir = Path(base_path) / name
+    if version is None:
+        version = next_version(model_dir)
+    elif not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"`version` must be a positive integer. Received: version={version!r}")
+    target = model_dir / str(version)
+    if target.exists():
+        raise ValueError(f"{target} already exists: choose another version or leave `version` unset.")
+    model, tokenizer, answers, _ = load_run(run_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = model_dir / f".tmp-{version}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        write_saved_model(model, tokenizer, answers, staging, model_name=name, platforms=platforms)
+        os.rename(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

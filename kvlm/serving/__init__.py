@@ -1,0 +1,37 @@
+"""A TF-Serving-compatible gRPC server and client for exported kvlm SavedModels.
+
+- `Server(ServerOptions(...))`: the embedded server (PredictionService.Predict,
+  GetModelMetadata; ModelService.GetModelStatus), with version polling, batching,
+  TLS and bearer-token auth. `kvlm serve` runs it from the command line.
+- `PredictClient(target, timeout=...)`: a client using only the official stubs.
+- `load_model_config`, `load_batching_parameters`: TF Serving's config file formats.
+
+Imports are lazy: `kvlm.serving.client` needs neither Keras nor the server code.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "PredictClient": "kvlm.serving.client",
+    "Server": "kvlm.serving.server",
+    "serve": "kvlm.serving.server",
+    "ServerOptions": "kvlm.serving.config",
+    "ModelConfig": "kvlm.serving.config",
+    "BatchingConfig": "kvlm.serving.config",
+    "TLSConfig": "kvlm.serving.config",
+    "load_model_config": "kvlm.serving.config",
+    "load_batching_parameters": "kvlm.serving.config",
+    "load_ssl_config": "kvlm.serving.config",
+    "ServingError": "kvlm.serving.errors",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kvlm.serving' has no attribute {name!r}")

@@ -1,0 +1,312 @@
+"""Loading SavedModel versions with plain TensorFlow, and keeping them up to date.
+
+Each configured model's base path is polled; the versions its policy selects are
+loaded (`tf.saved_model.load`, then the warm-up requests are replayed) and the
+others unloaded. A new version is loaded before the old one is unloaded, and a
+version that fails to load leaves the previous one serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from google.protobuf import text_format
+from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+from tensorflow_serving.apis import get_model_status_pb2, prediction_log_pb2
+
+from kvlm.export.layout import version_dirs
+from kvlm.serving.batching import Batcher
+from kvlm.serving.config import BatchingConfig, ModelConfig
+from kvlm.serving.errors import ServingError, from_tf_error, invalid, not_found
+from kvlm.serving.ops import load_tf_text_ops
+from kvlm.serving.tensors import InputSpec, batch_size, check_inputs, input_specs
+
+logger = logging.getLogger(__name__)
+
+State = get_model_status_pb2.ModelVersionStatus.State
+WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
+MAX_WARMUP_RECORDS = 1000
+MAX_LOAD_ATTEMPTS = 3
+
+
+@dataclass
+class Signature:
+    """A callable signature with its input and output specs."""
+
+    name: str
+    function: tf.types.experimental.ConcreteFunction
+    inputs: dict[str, InputSpec]
+    outputs: dict[str, tf.TensorSpec]
+
+
+def read_signature_defs(path: str | Path) -> dict[str, meta_graph_pb2.SignatureDef]:
+    """The `SignatureDef`s of a SavedModel's serving meta graph (for GetModelMetadata)."""
+    path = Path(path)
+    saved_model = saved_model_pb2.SavedModel()
+    if (path / "saved_model.pb").is_file():
+        saved_model.ParseFromString((path / "saved_model.pb").read_bytes())
+    else:
+        text_format.Parse((path / "saved_model.pbtxt").read_text(), saved_model)
+    for meta_graph in saved_model.meta_graphs:
+        if "serve" in meta_graph.meta_info_def.tags or len(saved_model.meta_graphs) == 1:
+            return {k: v for k, v in meta_graph.signature_def.items() if not k.startswith("__")}
+    return {}
+
+
+class LoadedVersion:
+    """One loaded SavedModel version; `predict` runs a signature (batched if configured)."""
+
+    def __init__(self, model_name: str, version: int, path: Path, batching: BatchingConfig | None = None):
+        self.model_name = model_name
+        self.version = version
+        self.path = path
+        load_tf_text_ops()
+        self._model = tf.saved_model.load(str(path))
+        self.signature_defs = read_signature_defs(path)
+        self.signatures: dict[str, Signature] = {}
+        for name, function in self._model.signatures.items():
+            _, kwargs = function.structured_input_signature
+            self.signatures[name] = Signature(name, function, input_specs(kwargs), dict(function.structured_outputs))
+        self._batchers: dict[str, Batcher] = {}
+        if batching is not None:
+            for name, signature in self.signatures.items():
+                if all(spec.batched for spec in signature.inputs.values()):
+                    self._batchers[name] = Batcher(
+                        lambda arrays, s=signature: self._call(s, arrays), batching,
+                        name=f"{model_name}/{version}/{name}",
+                    )
+
+    def signature(self, name: str) -> Signature:
+        if name not in self.signatures:
+            raise not_found(
+                f"Model '{self.model_name}' version {self.version} has no signature '{name}'; "
+                f"signatures: {sorted(self.signatures)}."
+            )
+        return self.signatures[name]
+
+    def _call(self, signature: Signature, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            outputs = signature.function(**{k: tf.convert_to_tensor(v) for k, v in arrays.items()})
+        except tf.errors.OpError as error:
+            raise from_tf_error(error) from None
+        return {k: v.numpy() for k, v in outputs.items()}
+
+    def predict(
+        self, signature: Signature, arrays: dict[str, np.ndarray], timeout: float | None = None
+    ) -> tuple[dict[str, np.ndarray], int]:
+        """Runs `signature`; returns the outputs and the size of the batch that ran."""
+        batcher = self._batchers.get(signature.name)
+        size = batch_size(arrays, signature.inputs)
+        if batcher is None or size is None:
+            return self._call(signature, arrays), size or 1
+        future = batcher.submit(arrays, size)
+        try:
+            return future.result(timeout=timeout)
+        except TimeoutError:
+            future.cancel()
+            raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "The request's deadline passed while it was queued.") from None
+
+    def warm_up(self) -> int:
+        """Replays `assets.extra/tf_serving_warmup_requests`; returns the number of requests."""
+        path = self.path / WARMUP_FILE
+        if not path.is_file():
+            return 0
+        count = 0
+        for record in tf.data.TFRecordDataset(str(path)).take(MAX_WARMUP_RECORDS):
+            log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+            if log.WhichOneof("log_type") != "predict_log":
+                continue  # only Predict warm-up requests are replayed
+            request = log.predict_log.request
+            signature = self.signature(request.model_spec.signature_name or "serving_default")
+            try:
+                self._call(signature, check_inputs(request.inputs, signature.inputs))
+            except ServingError as error:
+                raise ValueError(f"warm-up request {count + 1} in {path} failed: {error.message}") from None
+            count += 1
+        return count
+
+    def stats(self) -> dict[str, dict]:
+        return {name: b.stats.snapshot() for name, b in self._batchers.items()}
+
+    def close(self) -> None:
+        for batcher in self._batchers.values():
+            batcher.close()
+
+
+@dataclass
+class VersionStatus:
+    state: int
+    error_code: grpc.StatusCode = grpc.StatusCode.OK
+    error_message: str = ""
+    attempts: int = 0
+    stamp: tuple = ()
+
+
+def _stamp(path: Path) -> tuple:
+    """Names, sizes and modification times of a version's files: changes when it is rewritten."""
+    folders = [folder for folder in (path, path / "variables") if folder.is_dir()]
+    files = [f for folder in folders for f in folder.iterdir() if f.is_file()]
+    return tuple(sorted((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+class ServedModel:
+    """The loaded versions and load states of one configured model."""
+
+    def __init__(self, config: ModelConfig, batching: BatchingConfig | None):
+        self.config = config
+        self.batching = batching
+        self.versions: dict[int, LoadedVersion] = {}
+        self.status: dict[int, VersionStatus] = {}
+        self._lock = threading.Lock()
+
+    def resolve(self, version: int | None = None, label: str | None = None) -> LoadedVersion:
+        """The requested version (label, number, or the latest loaded)."""
+        name = self.config.name
+        if label:
+            if label not in self.config.labels:
+                raise not_found(f"Model '{name}' has no version label '{label}'; labels: {sorted(self.config.labels)}.")
+            version = self.config.labels[label]
+        with self._lock:
+            versions = dict(self.versions)
+        if version is None:
+            if not versions:
+                raise not_found(f"Model '{name}' has no loaded version (looking in {self.config.base_path}).")
+            return versions[max(versions)]
+        if version not in versions:
+            raise not_found(f"Model '{name}' version {version} is not available; available versions: {sorted(versions)}.")
+        return versions[version]
+
+    def refresh(self) -> None:
+        """Loads the versions the policy selects and unloads the others.
+
+        A version that fails to load is passed over (the policy then picks among the
+        others, e.g. the previous version) and retried on later polls, up to
+        `MAX_LOAD_ATTEMPTS` times or until its files change.
+        """
+        found = version_dirs(self.config.base_path)
+        failed_now: set[int] = set()
+        while True:
+            candidates = [v for v in found if v not in failed_now and self._may_load(v, found[v])]
+            wanted = self.config.select(candidates)
+            missing = [v for v in sorted(wanted, reverse=True) if v not in self.versions]
+            if not missing:
+                break
+            for version in missing:
+                if not self._load(version, found[version]):
+                    failed_now.add(version)
+        if any(v in self.versions for v in wanted) or not found:
+            for version in sorted(set(self.versions) - set(wanted)):
+                self._unload(version)
+
+    def _may_load(self, version: int, path: Path) -> bool:
+        """False for a version that failed `MAX_LOAD_ATTEMPTS` times and has not changed since."""
+        status = self.status.get(version)
+        if status is None or version in self.versions or status.attempts < MAX_LOAD_ATTEMPTS:
+            return True
+        if status.stamp != _stamp(path):
+            status.attempts = 0  # new files: try again
+            return True
+        return False
+
+    def _load(self, version: int, path: Path) -> bool:
+        status = self.status.setdefault(version, VersionStatus(State.START))
+        status.state, status.attempts, status.stamp = State.LOADING, status.attempts + 1, _stamp(path)
+        start = time.perf_counter()
+        loaded = None
+        try:
+            loaded = LoadedVersion(self.config.name, version, path, self.batching)
+            warmups = loaded.warm_up()
+        except Exception as error:  # any load failure is reported, never fatal
+            if loaded is not None:
+                loaded.close()
+            status.state = State.END
+            status.error_code = grpc.StatusCode.UNKNOWN
+            status.error_message = f"Failed to load {path}: {error}"
+            logger.error("Model %s version %d failed to load (attempt %d): %s",
+                         self.config.name, version, status.attempts, error)
+            return False
+        with self._lock:
+            self.versions[version] = loaded
+        status.state, status.error_code, status.error_message = State.AVAILABLE, grpc.StatusCode.OK, ""
+        logger.info("Loaded model %s version %d from %s in %.1fs (%d warm-up requests)",
+                    self.config.name, version, path, time.perf_counter() - start, warmups)
+        return True
+
+    def _unload(self, version: int) -> None:
+        self.status[version].state = State.UNLOADING
+        with self._lock:
+            loaded = self.versions.pop(version)
+        loaded.close()
+        self.status[version].state = State.END
+        logger.info("Unloaded model %s version %d", self.config.name, version)
+
+    def close(self) -> None:
+        for version in sorted(self.versions):
+            self._unload(version)
+
+
+class ModelManager:
+    """Serves the configured models and polls their base paths for new versions."""
+
+    def __init__(self, configs: list[ModelConfig], batching: BatchingConfig | None = None, poll_seconds: float = 1.0):
+        self.models = {c.name: ServedModel(c, batching) for c in configs}
+        self.poll_seconds = poll_seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._refresh_lock = threading.Lock()
+
+    def refresh(self) -> None:
+        with self._refresh_lock:
+            for model in self.models.values():
+                model.refresh()
+
+    def start(self) -> None:
+        """Loads the current versions, then polls every `poll_seconds` (0: never)."""
+        self.refresh()
+        if self.poll_seconds > 0:
+            self._thread = threading.Thread(target=self._poll, name="model-poller", daemon=True)
+            self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.refresh()
+            except Exception:  # keep polling whatever happens
+                logger.exception("Polling model versions failed")
+
+    def model(self, name: str) -> ServedModel:
+        """The served model called `name`: INVALID_ARGUMENT for path-like names, NOT_FOUND if unknown."""
+        if not name:
+            raise invalid("ModelSpec.name is empty: name the model to query.")
+        if name not in self.models:
+            from kvlm.export.layout import validate_model_name
+
+            try:
+                validate_model_name(name)
+            except ValueError as error:
+                raise invalid(str(error)) from None
+            raise not_found(f"Model '{name}' is not served; served models: {sorted(self.models)}.")
+        return self.models[name]
+
+    def stats(self) -> dict[str, dict]:
+        """Batching statistics by model, version and signature."""
+        return {
+            name: {str(v): loaded.stats() for v, loaded in sorted(model.versions.items())}
+            for name, model in self.models.items()
+        }
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        with self._refresh_lock:
+            for model in self.models.values():
+                model.close()
