@@ -4,7 +4,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
+
+# Kept in sync with kvlm.training.distribution.ALL_STRATEGIES (not imported: it loads Keras).
+STRATEGY_CHOICES = ("auto", "one_device", "mirrored", "multi_worker", "data_parallel", "expert_parallel")
+
+
+def _backup_freq(value: str):
+    if value == "epoch":
+        return value
+    try:
+        steps = int(value)
+    except ValueError:
+        steps = 0
+    if steps < 1:
+        raise argparse.ArgumentTypeError(f"expected 'epoch' or a number of steps >= 1, got {value!r}")
+    return steps
 
 
 def register(subparsers) -> None:
@@ -21,10 +38,27 @@ def register(subparsers) -> None:
     train.add_argument("--train-size", type=int, default=24000, help="procedural training examples")
     train.add_argument("--eval-size", type=int, default=2000, help="procedural held-out examples")
     train.add_argument("--epochs", type=int, default=8)
-    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--batch-size", type=int, default=64, help="global batch, split over replicas")
     train.add_argument("--learning-rate", type=float, default=2e-3)
     train.add_argument("--augment", action="store_true", help="tf-models-official RandAugment")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--strategy", default="auto", choices=STRATEGY_CHOICES,
+        help="tensorflow: one_device|mirrored|multi_worker (cluster from TF_CONFIG); "
+        "jax: data_parallel|expert_parallel (processes from KERAS_DISTRIBUTION_*); auto picks from the environment",
+    )
+    train.add_argument("--moe-experts", type=int, default=None,
+                       help="put a SparseMoE with this many built-in experts in every other fusion block")
+    train.add_argument("--moe-top-k", type=int, default=2, help="experts per token (with --moe-experts)")
+    train.add_argument("--expert-axis-size", type=int, default=None, help="expert_parallel: devices on the expert axis")
+    train.add_argument(
+        "--backup-freq", type=_backup_freq, default="epoch",
+        help="BackupAndRestore every N steps or 'epoch'; a restarted run resumes from the last backup",
+    )
+    train.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
+                       help="TensorBoard logs in OUTPUT/logs")
+    train.add_argument("--cpu-devices", type=int, default=None,
+                       help="split the CPU into N devices (to try mirrored/data_parallel without GPUs)")
     train.set_defaults(handler=run_train)
 
     evaluate = subparsers.add_parser("evaluate", help="evaluate a trained run on held-out data")
@@ -35,39 +69,49 @@ def register(subparsers) -> None:
 
 
 def run_train(args) -> int:
+    if args.cpu_devices:
+        # Before Keras (and so JAX) starts; TensorFlow is split below.
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.cpu_devices}".strip()
     import keras
 
-    from kvlm.training import TrainConfig, train
+    from kvlm.training import NonFiniteLossError, TrainConfig, fit, make_distribution
+    from kvlm.training.distribution import configure_cpu_devices
 
+    if args.cpu_devices and keras.backend.backend() == "tensorflow":
+        configure_cpu_devices(args.cpu_devices)
+    distribution = make_distribution(args.strategy, expert_axis_size=args.expert_axis_size)
     config = TrainConfig(
         output=args.output, preset=args.preset, encoder=args.encoder, data_dir=args.data_dir,
         train_size=args.train_size, eval_size=args.eval_size, epochs=args.epochs,
         batch_size=args.batch_size, learning_rate=args.learning_rate, augment=args.augment, seed=args.seed,
+        overrides={"moe": {"experts": args.moe_experts, "top_k": args.moe_top_k}} if args.moe_experts else {},
     )
-    out = Path(args.output)
-    callbacks = [
-        keras.callbacks.BackupAndRestore(str(out / "backup")),
-        keras.callbacks.CSVLogger(str(out / "history.csv")),
-        keras.callbacks.TensorBoard(str(out / "logs")),
-    ]
-    summary = train(config, callbacks=callbacks)
+    try:
+        summary = fit(
+            config, strategy=distribution, checkpoint=True, backup_freq=args.backup_freq,
+            tensorboard=args.tensorboard,
+        )
+    except NonFiniteLossError as error:
+        print(f"kvlm train: {error}", file=sys.stderr)
+        return 1
+    out = Path(summary["output"])
     metrics = summary["metrics"]
+    resumed = f" (resumed at step {summary['resumed_from_step']})" if summary["resumed_from_step"] else ""
     print(
-        f"trained {summary['train_examples']} examples in {summary['train_seconds']:.0f}s; "
+        f"trained {summary['train_examples']} examples with strategy {summary['strategy']} "
+        f"({summary['replicas']} replicas, {summary['workers']} workers) in {summary['train_seconds']:.0f}s{resumed}; "
         f"held-out accuracy {metrics['accuracy']:.4f} on {summary['eval_examples']} examples "
-        f"({summary['num_classes']} answers); saved to {out / 'model.keras'}"
+        f"({summary['num_classes']} answers); saved to {out / 'model.keras'}; "
+        f"curves in {out / 'training_curves.png'}"
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return 0
 
 
 def run_evaluate(args) -> int:
-    from kvlm.training import evaluate
+    from kvlm.training import evaluate, format_report
 
-    metrics = evaluate(args.model, data_dir=args.data_dir)
-    if args.json:
-        print(json.dumps(metrics))
-    else:
-        for name, value in metrics.items():
-            print(f"{name:>10}: {value:.4f}" if isinstance(value, float) else f"{name:>10}: {value}")
+    report = evaluate(args.model, data_dir=args.data_dir)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0

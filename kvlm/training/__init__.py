@@ -1,5 +1,24 @@
-"""Training and evaluation entry points."""
+"""Training and evaluation entry points, distribution strategies, callbacks and reports."""
 
-from kvlm.training.run import TrainConfig, evaluate, load_examples, load_run, train
+from kvlm.training.callbacks import BackupAndRestore, NaNGuard, NonFiniteLossError, TrainingCurves
+from kvlm.training.distribution import STRATEGIES, Distribution, make_distribution
+from kvlm.training.reports import classification_report, format_report
+from kvlm.training.run import TrainConfig, evaluate, fit, load_examples, load_run, train
 
-__all__ = ["TrainConfig", "evaluate", "load_examples", "load_run", "train"]
+__all__ = [
+    "STRATEGIES",
+    "BackupAndRestore",
+    "Distribution",
+    "NaNGuard",
+    "NonFiniteLossError",
+    "TrainConfig",
+    "TrainingCurves",
+    "classification_report",
+    "evaluate",
+    "fit",
+    "format_report",
+    "load_examples",
+    "load_run",
+    "make_distribution",
+    "train",
+]

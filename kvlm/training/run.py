@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -10,10 +11,12 @@ from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from kvlm.data import (
     answer_vocabulary,
     build_vocabulary,
+    encode_answers,
     load_folder,
     load_vocabulary,
     make_dataset,
@@ -22,6 +25,16 @@ from kvlm.data import (
     shapes,
 )
 from kvlm.models import VLMClassifier, get_preset
+from kvlm.training.callbacks import (
+    BackupAndRestore,
+    NaNGuard,
+    StopAtStep,
+    TrainingCurves,
+    read_history_csv,
+    restored_step,
+)
+from kvlm.training.distribution import EXPERT_KERNELS, Distribution, make_distribution
+from kvlm.training.reports import classification_report
 
 MODEL_FILE = "model.keras"
 ANSWERS_FILE = "answers.txt"
@@ -75,14 +88,48 @@ def compile_classifier(model: keras.Model, config: TrainConfig, steps: int) -> N
     )
 
 
-def train(config: TrainConfig, callbacks: list | None = None, verbose: int | str = "auto") -> dict[str, Any]:
-    """Trains a `VLMClassifier`, evaluates it on the held-out split and saves the run.
+CHECKPOINT_FILE = "checkpoint.keras"
+CURVES_FILE = "training_curves.png"
+HISTORY_FILE = "history.csv"
+BACKUP_DIR = "backup"
+LOGS_DIR = "logs"
 
-    Returns a summary with the held-out metrics, training time and paths.
+
+def _even_batch(count: int, shards: int, limit: int = 256) -> int:
+    """The multiple of `shards` (<= `limit`) whose full batches cover the most of `count` examples."""
+    sizes = range(shards, max(limit, shards) + 1, shards)
+    return max(sizes, key=lambda b: (count - count % b, b))
+
+
+def training_stream(
+    examples, tokenizer, answers, image_size: int, batch_size: int, seed: int,
+    augment: bool = False, drop_remainder: bool = False, first_pass: int = 0,
+) -> tf.data.Dataset:
+    """Endless training batches from pass `first_pass` on; pass `p` is shuffled with seed `(seed, p)` only.
+
+    Each pass is built inside `flat_map`, so its shuffle order never depends on how
+    many iterators were made before (Keras opens one for its symbolic build under a
+    strategy): a run resumed at step `n` continues with
+    `training_stream(..., first_pass=n // steps_per_pass).skip(n % steps_per_pass)`.
     """
+
+    @tf.autograph.experimental.do_not_convert
+    def one_pass(index):
+        # Traced as a graph: this sets the pass graph's seed, not the global one. A fixed
+        # non-zero graph seed lets the shuffle take a tensor op seed (TF cannot with 0).
+        tf.random.set_seed(seed + 1)
+        data = make_dataset(
+            examples, tokenizer, answers, image_size, batch_size,
+            shuffle=True, augment=augment, seed=tf.constant(seed, tf.int64) * 1_000_003 + index,
+        )
+        return data.rebatch(batch_size, drop_remainder=True) if drop_remainder else data
+
+    return tf.data.Dataset.counter(first_pass).flat_map(one_pass)
+
+
+def _prepare(config: TrainConfig):
+    """Examples, preset, vocabulary, answers and tokenizer of a run (after seeding)."""
     keras.utils.set_random_seed(config.seed)
-    out = Path(config.output)
-    out.mkdir(parents=True, exist_ok=True)
     train_examples, eval_examples = load_examples(config)
     preset = get_preset(config.preset)
     preset.update(config.overrides)
@@ -91,29 +138,25 @@ def train(config: TrainConfig, callbacks: list | None = None, verbose: int | str
     )
     answers = answer_vocabulary(train_examples)
     tokenizer = make_tokenizer(vocabulary, preset["sequence_length"])
-    train_data = make_dataset(
-        train_examples, tokenizer, answers, preset["image_size"], config.batch_size,
-        shuffle=True, augment=config.augment, seed=config.seed,
-    )
-    eval_data = make_dataset(eval_examples, tokenizer, answers, preset["image_size"], 256)
+    return train_examples, eval_examples, preset, vocabulary, answers, tokenizer
 
+
+def _build(config: TrainConfig, num_classes: int, vocabulary_size: int, steps: int) -> keras.Model:
     model = VLMClassifier.from_preset(
-        config.preset, num_classes=len(answers), vocabulary_size=len(vocabulary),
+        config.preset, num_classes=num_classes, vocabulary_size=vocabulary_size,
         encoder=config.encoder, **config.overrides,
     )
-    steps = config.epochs * -(-len(train_examples) // config.batch_size)
     compile_classifier(model, config, steps)
+    return model
+
+
+def _write_run_files(out: Path, config: TrainConfig, vocabulary, answers) -> None:
     save_vocabulary(vocabulary, out)
     (out / ANSWERS_FILE).write_text("\n".join(answers) + "\n", encoding="utf-8")
     (out / RUN_FILE).write_text(json.dumps(asdict(config), indent=2), encoding="utf-8")
 
-    start = time.perf_counter()
-    history = model.fit(
-        train_data, validation_data=eval_data, epochs=config.epochs, callbacks=callbacks or [], verbose=verbose
-    )
-    seconds = time.perf_counter() - start
-    model.save(out / MODEL_FILE)
-    metrics = model.evaluate(eval_data, return_dict=True, verbose=0)
+
+def _summary(history, metrics, seconds, train_examples, eval_examples, answers, out) -> dict[str, Any]:
     return {
         "metrics": {k: float(v) for k, v in metrics.items()},
         "train_seconds": seconds,
@@ -123,6 +166,156 @@ def train(config: TrainConfig, callbacks: list | None = None, verbose: int | str
         "history": {k: [float(x) for x in v] for k, v in history.history.items()},
         "output": str(out),
     }
+
+
+def _output_dir(config: TrainConfig, distribution: Distribution) -> Path:
+    out = Path(config.output)
+    return out if distribution.is_chief else out / "workers" / str(distribution.worker_index)
+
+
+def fit(
+    config: TrainConfig,
+    strategy: str | Distribution | None = "auto",
+    callbacks: list | None = None,
+    verbose: int | str = "auto",
+    *,
+    checkpoint: bool = True,
+    backup_freq: int | str | None = None,
+    tensorboard: bool = False,
+) -> dict[str, Any]:
+    """Trains a `VLMClassifier` under a distribution strategy and writes the run folder.
+
+    Args:
+        config: The run.
+        strategy: A name from `kvlm.training.distribution.STRATEGIES` (`auto` picks
+            from the environment), a `Distribution`, or None for no strategy.
+        callbacks: Extra Keras callbacks (after the NaN guard, before the run's own).
+        verbose: Keras `fit` verbosity.
+        checkpoint: Write `checkpoint.keras` (ModelCheckpoint, every epoch),
+            `history.csv` (CSVLogger) and `training_curves.png` beside it.
+        backup_freq: `BackupAndRestore` into `<output>/backup` every this many steps
+            (or `"epoch"`); a restarted run resumes from the last backup at the
+            exact step and data position. None: no backups.
+        tensorboard: Write TensorBoard logs to `<output>/logs`.
+
+    The global batch is `config.batch_size`, split over the strategy's replicas.
+    A `NaNGuard` stops training with `NonFiniteLossError` at the first non-finite
+    loss, before any checkpoint or backup is overwritten. In a multi-worker run the
+    chief writes `config.output`, other workers `<output>/workers/<index>`.
+
+    Returns a summary with the held-out metrics, history, steps and paths.
+    """
+    # The strategy comes first: MultiWorkerMirroredStrategy must precede any TF op.
+    distribution = strategy if isinstance(strategy, Distribution) else make_distribution(strategy)
+    out = _output_dir(config, distribution)
+    out.mkdir(parents=True, exist_ok=True)
+    train_examples, eval_examples, preset, vocabulary, answers, tokenizer = _prepare(config)
+
+    shards = distribution.batch_shards
+    if config.batch_size % shards:
+        raise ValueError(
+            f"`batch_size` must be a multiple of the {shards} replicas of strategy {distribution.name!r}. "
+            f"Received: batch_size={config.batch_size}"
+        )
+    eval_batch = 256
+    if distribution.even_batches:
+        steps_per_epoch = len(train_examples) // config.batch_size
+        eval_batch = _even_batch(len(eval_examples), shards)
+        eval_examples = eval_examples[: len(eval_examples) - len(eval_examples) % eval_batch]
+    else:
+        steps_per_epoch = -(-len(train_examples) // config.batch_size)
+    if steps_per_epoch < 1 or not eval_examples:
+        raise ValueError(
+            f"Too few examples ({len(train_examples)} train, {len(eval_examples)} held-out) for a global batch "
+            f"of {config.batch_size} over {shards} replicas."
+        )
+    eval_data = make_dataset(eval_examples, tokenizer, answers, preset["image_size"], eval_batch)
+    if distribution.even_batches:
+        eval_data = eval_data.rebatch(eval_batch, drop_remainder=True)
+    total_steps = config.epochs * steps_per_epoch
+
+    with distribution.scope():
+        model = _build(config, len(answers), len(vocabulary), total_steps)
+        model.optimizer.build(model.trainable_variables)
+    if distribution.name == "expert_parallel" and not any(re.fullmatch(EXPERT_KERNELS, v.path) for v in model.weights):
+        raise ValueError(
+            "Strategy 'expert_parallel' shards SparseMoE experts, but this model has none: add "
+            'overrides={"moe": {"experts": 8, "top_k": 2}} to the TrainConfig (`kvlm train --moe-experts 8`).'
+        )
+    backup_dir = out / BACKUP_DIR
+    done = restored_step(model, backup_dir) if backup_freq is not None else 0
+    _write_run_files(out, config, vocabulary, answers)
+
+    guard = NaNGuard(
+        out / CHECKPOINT_FILE if checkpoint else None,
+        check_weights_every=backup_freq if isinstance(backup_freq, int) else None,
+    )
+    run_callbacks = [guard, *(callbacks or [])]
+    if checkpoint:
+        if not done:
+            (out / HISTORY_FILE).unlink(missing_ok=True)
+        run_callbacks += [
+            keras.callbacks.ModelCheckpoint(out / CHECKPOINT_FILE),
+            keras.callbacks.CSVLogger(str(out / HISTORY_FILE), append=True),
+            TrainingCurves(out / CURVES_FILE, read_history_csv(out / HISTORY_FILE)),
+        ]
+    if tensorboard:
+        run_callbacks.append(keras.callbacks.TensorBoard(str(out / LOGS_DIR)))
+    if backup_freq is not None:
+        run_callbacks.append(BackupAndRestore(str(backup_dir), save_freq=backup_freq, steps_per_epoch=steps_per_epoch))
+    run_callbacks.append(StopAtStep(total_steps))
+
+    # One endless stream of batches (a pass per epoch), positioned where the backup stopped.
+    # JAX shards every batch: keep full, evenly split batches only.
+    stream = training_stream(
+        train_examples, tokenizer, answers, preset["image_size"], config.batch_size, config.seed,
+        augment=config.augment, drop_remainder=distribution.even_batches, first_pass=done // steps_per_epoch,
+    ).skip(done % steps_per_epoch)
+    start = time.perf_counter()
+    history = model.fit(
+        stream, steps_per_epoch=steps_per_epoch, epochs=config.epochs, initial_epoch=done // steps_per_epoch,
+        validation_data=eval_data, callbacks=run_callbacks, verbose=verbose,
+    )
+    seconds = time.perf_counter() - start
+    model.save(out / MODEL_FILE)
+    metrics = model.evaluate(eval_data, return_dict=True, verbose=0)
+    return _summary(history, metrics, seconds, train_examples, eval_examples, answers, out) | {
+        "strategy": distribution.name,
+        "replicas": shards,
+        "workers": distribution.num_workers,
+        "steps": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
+        "resumed_from_step": done,
+    }
+
+
+def train(config: TrainConfig, callbacks: list | None = None, verbose: int | str = "auto") -> dict[str, Any]:
+    """Trains a `VLMClassifier` on one device, evaluates it on the held-out split and saves the run.
+
+    The original single-device loop: the training set is shuffled by `make_dataset`
+    each epoch, nothing is distributed, checkpointed or resumable. `fit` is the
+    full version (strategies, checkpoints, backups, NaN guard); it orders the data
+    differently, so the two give different (equally valid) weights for one config.
+
+    Returns a summary with the held-out metrics, training time and paths.
+    """
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    train_examples, eval_examples, preset, vocabulary, answers, tokenizer = _prepare(config)
+    train_data = make_dataset(
+        train_examples, tokenizer, answers, preset["image_size"], config.batch_size,
+        shuffle=True, augment=config.augment, seed=config.seed,
+    )
+    eval_data = make_dataset(eval_examples, tokenizer, answers, preset["image_size"], 256)
+    model = _build(config, len(answers), len(vocabulary), config.epochs * -(-len(train_examples) // config.batch_size))
+    _write_run_files(out, config, vocabulary, answers)
+    start = time.perf_counter()
+    history = model.fit(
+        train_data, validation_data=eval_data, epochs=config.epochs, callbacks=callbacks or [], verbose=verbose
+    )
+    seconds = time.perf_counter() - start
+    model.save(out / MODEL_FILE)
+    metrics = model.evaluate(eval_data, return_dict=True, verbose=0)
+    return _summary(history, metrics, seconds, train_examples, eval_examples, answers, out)
 
 
 def load_run(run_dir: str | Path):
@@ -138,8 +331,12 @@ def load_run(run_dir: str | Path):
     return model, tokenizer, answers, config
 
 
-def evaluate(run_dir: str | Path, data_dir: str | None = None, size: int | None = None) -> dict[str, float]:
-    """Evaluates a saved run on its held-out split (or on `data_dir`)."""
+def evaluate(run_dir: str | Path, data_dir: str | None = None, size: int | None = None) -> dict[str, Any]:
+    """Evaluates a saved run on its held-out split (or on `data_dir`).
+
+    Returns `loss`, `accuracy`, `macro_precision`, `macro_recall`, `macro_f1`,
+    `examples` and `per_domain` ({domain: the same metrics and its examples}).
+    """
     model, tokenizer, answers, config = load_run(run_dir)
     if data_dir is not None:
         examples = load_folder(data_dir)
@@ -148,5 +345,10 @@ def evaluate(run_dir: str | Path, data_dir: str | None = None, size: int | None 
             config.eval_size = size
         _, examples = load_examples(config)
     data = make_dataset(examples, tokenizer, answers, model.backbone.image_size, 256)
-    metrics = model.evaluate(data, return_dict=True, verbose=0)
-    return {k: float(v) for k, v in metrics.items()} | {"examples": len(examples)}
+    logits = np.asarray(model.predict(data, verbose=0), dtype=np.float64)
+    labels = encode_answers(examples, answers)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    loss = float(-log_probs[np.arange(len(labels)), labels].mean())
+    report = classification_report(labels, logits.argmax(axis=-1), [e.domain for e in examples])
+    return {"loss": loss} | report
