@@ -8,7 +8,13 @@ import os
 import sys
 
 # Modules under kvlm.cli that each define `register(subparsers)`.
-COMMAND_GROUPS = ("train",)
+COMMAND_GROUPS = (
+    "train",
+    "data",
+    "experts",
+    "export",
+    "serve",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

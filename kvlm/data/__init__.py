@@ -6,6 +6,7 @@ from kvlm.data.folder import AnnotationError, load_folder
 from kvlm.data.pipeline import answer_vocabulary, encode_answers, make_dataset
 from kvlm.data.preprocessing import decode_image, make_augmenter, resize_image
 from kvlm.data.tokenizer import build_vocabulary, load_vocabulary, make_tokenizer, save_vocabulary
+from kvlm.data.writer import png_bytes, write_folder
 
 __all__ = [
     "AnnotationError",
@@ -19,7 +20,9 @@ __all__ = [
     "make_augmenter",
     "make_dataset",
     "make_tokenizer",
+    "png_bytes",
     "resize_image",
     "save_vocabulary",
     "shapes",
+    "write_folder",
 ]
