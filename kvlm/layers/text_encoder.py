@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import keras
 from keras import ops
-from keras_hub.layers import TokenAndPositionEmbedding, TransformerEncoder
+from keras_hub.layers import TokenAndPositionEmbedding
+
+from kvlm.layers.transformer import transformer_stack
 
 
 @keras.saving.register_keras_serializable(package="kvlm")
@@ -48,18 +50,9 @@ class TextEncoder(keras.layers.Layer):
         self.embedding = TokenAndPositionEmbedding(
             vocabulary_size, sequence_length, hidden_dim, dtype=self.dtype_policy, name="embedding"
         )
-        self.transformer_layers = [
-            TransformerEncoder(
-                intermediate_dim=intermediate_dim,
-                num_heads=num_heads,
-                dropout=dropout,
-                activation="gelu",
-                normalize_first=True,
-                dtype=self.dtype_policy,
-                name=f"transformer_layer_{i}",
-            )
-            for i in range(num_layers)
-        ]
+        self.transformer_layers = transformer_stack(
+            num_layers, num_heads, intermediate_dim, dropout, self.dtype_policy
+        )
         self.layer_norm = keras.layers.LayerNormalization(
             epsilon=1e-6, dtype=self.dtype_policy, name="layer_norm"
         )

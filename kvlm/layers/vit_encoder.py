@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import keras
-from keras_hub.layers import TransformerEncoder
 
 from kvlm.layers.patch_embedding import PatchEmbedding
+from kvlm.layers.transformer import transformer_stack
 
 
 @keras.saving.register_keras_serializable(package="kvlm")
@@ -37,8 +37,6 @@ class ViTEncoder(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if num_layers < 0:
-            raise ValueError(f"`num_layers` must be >= 0. Received: num_layers={num_layers}")
         self.image_size = image_size
         self.patch_size = patch_size
         self.hidden_dim = hidden_dim
@@ -49,18 +47,9 @@ class ViTEncoder(keras.layers.Layer):
         self.patch_embedding = PatchEmbedding(
             image_size, patch_size, hidden_dim, dtype=self.dtype_policy, name="patch_embedding"
         )
-        self.transformer_layers = [
-            TransformerEncoder(
-                intermediate_dim=intermediate_dim,
-                num_heads=num_heads,
-                dropout=dropout,
-                activation="gelu",
-                normalize_first=True,
-                dtype=self.dtype_policy,
-                name=f"transformer_layer_{i}",
-            )
-            for i in range(num_layers)
-        ]
+        self.transformer_layers = transformer_stack(
+            num_layers, num_heads, intermediate_dim, dropout, self.dtype_policy
+        )
         self.layer_norm = keras.layers.LayerNormalization(
             epsilon=1e-6, dtype=self.dtype_policy, name="layer_norm"
         )
