@@ -24,6 +24,21 @@ def _backup_freq(value: str):
     return steps
 
 
+def _dataset_names(value: str) -> list[str]:
+    from kvlm.experts import datasets  # plugin discovery only: Keras is not loaded
+
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated dataset names, got {value!r}")
+    available = datasets()
+    unknown = [name for name in names if name not in available]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown dataset(s) {', '.join(unknown)}; available: {', '.join(sorted(available)) or 'none'}"
+        )
+    return names
+
+
 def register(subparsers) -> None:
     """Adds the `train` and `evaluate` commands."""
     train = subparsers.add_parser(
@@ -35,6 +50,11 @@ def register(subparsers) -> None:
     train.add_argument("--preset", default="kvlm_tiny", choices=["kvlm_tiny", "kvlm_small", "kvlm_base"])
     train.add_argument("--encoder", default="cnn", choices=["vit", "cnn"])
     train.add_argument("--data-dir", default=None, help="folder with images and annotations.jsonl")
+    train.add_argument(
+        "--datasets", type=_dataset_names, default=None,
+        help="comma-separated plugin datasets to mix in equal shares, e.g. "
+        "medical_scans,legal_documents,retail_shelves (see `kvlm experts list`)",
+    )
     train.add_argument("--train-size", type=int, default=24000, help="procedural training examples")
     train.add_argument("--eval-size", type=int, default=2000, help="procedural held-out examples")
     train.add_argument("--epochs", type=int, default=8)
@@ -86,6 +106,7 @@ def run_train(args) -> int:
         train_size=args.train_size, eval_size=args.eval_size, epochs=args.epochs,
         batch_size=args.batch_size, learning_rate=args.learning_rate, augment=args.augment, seed=args.seed,
         overrides={"moe": {"experts": args.moe_experts, "top_k": args.moe_top_k}} if args.moe_experts else {},
+        datasets=args.datasets,
     )
     try:
         summary = fit(
@@ -105,6 +126,11 @@ def run_train(args) -> int:
         f"({summary['num_classes']} answers); saved to {out / 'model.keras'}; "
         f"curves in {out / 'training_curves.png'}"
     )
+    if "routing" in summary:
+        from kvlm.training.routing import RoutingReport, format_routing_report
+
+        print(format_routing_report(RoutingReport.from_dict(summary["routing"])))
+        print(f"routing: {out / 'routing.json'}, heatmap {out / 'routing.png'}")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return 0
 

@@ -3,6 +3,7 @@
 from kvlm.training.callbacks import BackupAndRestore, NaNGuard, NonFiniteLossError, TrainingCurves
 from kvlm.training.distribution import STRATEGIES, Distribution, make_distribution
 from kvlm.training.reports import classification_report, format_report
+from kvlm.training.routing import RoutingReport, format_routing_report, routing_report, save_routing_heatmap
 from kvlm.training.run import TrainConfig, evaluate, fit, load_examples, load_run, train
 
 __all__ = [
@@ -11,14 +12,18 @@ __all__ = [
     "Distribution",
     "NaNGuard",
     "NonFiniteLossError",
+    "RoutingReport",
     "TrainConfig",
     "TrainingCurves",
     "classification_report",
     "evaluate",
     "fit",
     "format_report",
+    "format_routing_report",
     "load_examples",
     "load_run",
     "make_distribution",
+    "routing_report",
+    "save_routing_heatmap",
     "train",
 ]

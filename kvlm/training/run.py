@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import time
@@ -24,6 +25,7 @@ from kvlm.data import (
     save_vocabulary,
     shapes,
 )
+from kvlm.experts import load_model
 from kvlm.models import VLMClassifier, get_preset
 from kvlm.training.callbacks import (
     BackupAndRestore,
@@ -35,6 +37,7 @@ from kvlm.training.callbacks import (
 )
 from kvlm.training.distribution import EXPERT_KERNELS, Distribution, make_distribution
 from kvlm.training.reports import classification_report
+from kvlm.training.routing import moe_blocks, routing_report, save_routing_heatmap
 
 MODEL_FILE = "model.keras"
 ANSWERS_FILE = "answers.txt"
@@ -60,11 +63,63 @@ class TrainConfig:
     augment: bool = False
     seed: int = 0
     overrides: dict[str, Any] = field(default_factory=dict)
+    # Plugin datasets (`kvlm.experts.datasets()` names) to mix in equal shares instead of shapes.
+    datasets: list[str] | None = None
+
+
+def mix_datasets(
+    names: list[str], train_size: int, eval_size: int, seed: int, image_size: int
+) -> tuple[list, list]:
+    """`(train, eval)` examples mixing the named plugin datasets in equal shares.
+
+    Each dataset gives `train_size // len(names)` examples of its `"train"` split
+    and `eval_size // len(names)` of its `"test"` split (seeded with `seed`); each
+    mix is shuffled with `seed`.
+
+    Raises:
+        ValueError: A name is not a discovered dataset (the message lists the
+            available ones), is repeated, or a share would be empty.
+    """
+    from kvlm.experts import datasets as discovered
+
+    names = list(names)
+    available = discovered()
+    unknown = [name for name in names if name not in available]
+    if unknown:
+        raise ValueError(
+            f"Unknown dataset(s) {', '.join(map(repr, unknown))}. Available datasets from the installed kvlm "
+            f"plugins: {', '.join(sorted(available)) or 'none'}."
+        )
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"`datasets` must name distinct datasets. Received: datasets={names!r}")
+    per_train, per_eval = train_size // len(names), eval_size // len(names)
+    if per_train < 1 or per_eval < 1:
+        raise ValueError(
+            f"`train_size` ({train_size}) and `eval_size` ({eval_size}) must each be at least the number of "
+            f"datasets ({len(names)})."
+        )
+    rng = np.random.default_rng(seed)
+    splits = []
+    for split, per in (("train", per_train), ("test", per_eval)):
+        examples = []
+        for name in names:
+            load = available[name].spec.load
+            parameters = inspect.signature(load).parameters
+            takes_size = "image_size" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+            options = {"image_size": image_size} if takes_size else {}
+            examples += list(load(split, per, seed, **options))
+        splits.append([examples[i] for i in rng.permutation(len(examples))])
+    return splits[0], splits[1]
 
 
 def load_examples(config: TrainConfig):
-    """Returns `(train, eval)` examples: the procedural set, or a user folder split by seed."""
+    """Returns `(train, eval)` examples: the procedural set, plugin datasets mixed, or a user folder."""
     image_size = get_preset(config.preset)["image_size"]
+    if config.datasets:
+        if config.data_dir is not None:
+            raise ValueError("Pass `data_dir` or `datasets`, not both.")
+        size = config.overrides.get("image_size", image_size)
+        return mix_datasets(config.datasets, config.train_size, config.eval_size, config.seed, size)
     if config.data_dir is None:
         return (
             shapes.generate(config.train_size, seed=config.seed, image_size=image_size),
@@ -91,6 +146,8 @@ def compile_classifier(model: keras.Model, config: TrainConfig, steps: int) -> N
 CHECKPOINT_FILE = "checkpoint.keras"
 CURVES_FILE = "training_curves.png"
 HISTORY_FILE = "history.csv"
+ROUTING_FILE = "routing.json"
+ROUTING_PLOT = "routing.png"
 BACKUP_DIR = "backup"
 LOGS_DIR = "logs"
 
@@ -198,6 +255,10 @@ def fit(
             exact step and data position. None: no backups.
         tensorboard: Write TensorBoard logs to `<output>/logs`.
 
+    When the model has SparseMoE layers, the held-out examples' routing per domain
+    is written to `routing.json` and `routing.png` (see `kvlm.training.routing`)
+    and returned under `"routing"`.
+
     The global batch is `config.batch_size`, split over the strategy's replicas.
     A `NaNGuard` stops training with `NonFiniteLossError` at the first non-finite
     loss, before any checkpoint or backup is overwritten. In a multi-worker run the
@@ -279,13 +340,21 @@ def fit(
     seconds = time.perf_counter() - start
     model.save(out / MODEL_FILE)
     metrics = model.evaluate(eval_data, return_dict=True, verbose=0)
-    return _summary(history, metrics, seconds, train_examples, eval_examples, answers, out) | {
+    summary = _summary(history, metrics, seconds, train_examples, eval_examples, answers, out) | {
         "strategy": distribution.name,
         "replicas": shards,
         "workers": distribution.num_workers,
         "steps": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
         "resumed_from_step": done,
     }
+    # Routing of the held-out examples per domain, for models with SparseMoE layers (not for
+    # multi-process JAX runs, whose variables span processes).
+    if moe_blocks(model) and not (distribution.backend == "jax" and distribution.num_workers > 1):
+        report = routing_report(model, eval_examples, tokenizer)
+        report.save_json(out / ROUTING_FILE)
+        save_routing_heatmap(report, out / ROUTING_PLOT)
+        summary["routing"] = report.to_dict()
+    return summary
 
 
 def train(config: TrainConfig, callbacks: list | None = None, verbose: int | str = "auto") -> dict[str, Any]:
@@ -324,7 +393,7 @@ def load_run(run_dir: str | Path):
     if not (run_dir / MODEL_FILE).exists():
         raise FileNotFoundError(f"No {MODEL_FILE} in {run_dir}: train a model there first (`kvlm train`).")
     config = TrainConfig(**json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8")))
-    model = keras.saving.load_model(run_dir / MODEL_FILE)
+    model = load_model(run_dir / MODEL_FILE)  # registers plugin experts first
     vocabulary = load_vocabulary(run_dir)
     answers = (run_dir / ANSWERS_FILE).read_text(encoding="utf-8").split()
     tokenizer = make_tokenizer(vocabulary, model.backbone.sequence_length)
