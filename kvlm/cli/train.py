@@ -39,6 +39,20 @@ def _dataset_names(value: str) -> list[str]:
     return names
 
 
+def _moe_experts(value: str) -> int | str | list[str]:
+    """`8` (built-in experts), `installed`, or `medical,legal` (named plugin experts)."""
+    if value.isdigit():
+        if int(value) < 1:
+            raise argparse.ArgumentTypeError(f"expected at least 1 expert, got {value!r}")
+        return int(value)
+    if value == "installed":
+        return value
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected a number, 'installed' or expert names, got {value!r}")
+    return names
+
+
 def register(subparsers) -> None:
     """Adds the `train` and `evaluate` commands."""
     train = subparsers.add_parser(
@@ -67,8 +81,9 @@ def register(subparsers) -> None:
         help="tensorflow: one_device|mirrored|multi_worker (cluster from TF_CONFIG); "
         "jax: data_parallel|expert_parallel (processes from KERAS_DISTRIBUTION_*); auto picks from the environment",
     )
-    train.add_argument("--moe-experts", type=int, default=None,
-                       help="put a SparseMoE with this many built-in experts in every other fusion block")
+    train.add_argument("--moe-experts", type=_moe_experts, default=None,
+                       help="put a SparseMoE in every other fusion block: N built-in FFN experts, "
+                       "'installed' (every plugin expert) or comma-separated expert names (`kvlm experts list`)")
     train.add_argument("--moe-top-k", type=int, default=2, help="experts per token (with --moe-experts)")
     train.add_argument("--expert-axis-size", type=int, default=None, help="expert_parallel: devices on the expert axis")
     train.add_argument(
