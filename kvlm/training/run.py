@@ -336,6 +336,7 @@ def fit(
     history = model.fit(
         stream, steps_per_epoch=steps_per_epoch, epochs=config.epochs, initial_epoch=done // steps_per_epoch,
         validation_data=eval_data, callbacks=run_callbacks, verbose=verbose,
+        shuffle=False,  # the stream is shuffled per pass already
     )
     seconds = time.perf_counter() - start
     model.save(out / MODEL_FILE)
@@ -379,7 +380,8 @@ def train(config: TrainConfig, callbacks: list | None = None, verbose: int | str
     _write_run_files(out, config, vocabulary, answers)
     start = time.perf_counter()
     history = model.fit(
-        train_data, validation_data=eval_data, epochs=config.epochs, callbacks=callbacks or [], verbose=verbose
+        train_data, validation_data=eval_data, epochs=config.epochs, callbacks=callbacks or [], verbose=verbose,
+        shuffle=False,  # make_dataset shuffles every epoch
     )
     seconds = time.perf_counter() - start
     model.save(out / MODEL_FILE)
