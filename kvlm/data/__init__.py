@@ -3,7 +3,13 @@
 from kvlm.data import shapes
 from kvlm.data.example import Example
 from kvlm.data.folder import AnnotationError, load_folder
-from kvlm.data.pipeline import answer_vocabulary, encode_answers, make_dataset
+from kvlm.data.pipeline import (
+    answer_vocabulary,
+    caption_ids,
+    encode_answers,
+    make_dataset,
+    make_pair_dataset,
+)
 from kvlm.data.preprocessing import decode_image, make_augmenter, resize_image
 from kvlm.data.tokenizer import build_vocabulary, load_vocabulary, make_tokenizer, save_vocabulary
 from kvlm.data.writer import png_bytes, write_folder
@@ -13,12 +19,14 @@ __all__ = [
     "Example",
     "answer_vocabulary",
     "build_vocabulary",
+    "caption_ids",
     "decode_image",
     "encode_answers",
     "load_folder",
     "load_vocabulary",
     "make_augmenter",
     "make_dataset",
+    "make_pair_dataset",
     "make_tokenizer",
     "png_bytes",
     "resize_image",

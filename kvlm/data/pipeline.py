@@ -1,4 +1,5 @@
-"""The tf.data input pipeline: decode, resize, augment, tokenize, batch, prefetch."""
+"""The tf.data input pipelines (question-answer and image-caption pairs): decode, resize,
+augment, tokenize, batch, prefetch."""
 
 from __future__ import annotations
 
@@ -94,6 +95,72 @@ def make_dataset(
     dataset = dataset.batch(batch_size)
     dataset = dataset.map(
         lambda images, text, label: ({"images": images, "token_ids": tokenizer(text)}, label),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def caption_ids(examples: Sequence[Example], captions: Sequence[str] | None = None) -> np.ndarray:
+    """Each example's caption as an int32 id: its index in `captions` (default: the sorted
+    distinct captions of `examples`).
+
+    Two examples share an id exactly when their captions are identical strings; contrastive
+    training and retrieval treat such image-caption pairs as positives of each other.
+    """
+    if captions is None:
+        captions = sorted({e.caption for e in examples})
+    index = {c: i for i, c in enumerate(captions)}
+    unknown = sorted({e.caption for e in examples} - set(index))
+    if unknown:
+        raise ValueError(f"Captions not in the caption list: {unknown[:5]}")
+    return np.array([index[e.caption] for e in examples], dtype=np.int32)
+
+
+def make_pair_dataset(
+    examples: Sequence[Example],
+    tokenizer,
+    image_size: int,
+    batch_size: int = 64,
+    shuffle: bool = False,
+    augment: bool = False,
+    seed: int = 0,
+    drop_remainder: bool = False,
+) -> tf.data.Dataset:
+    """Builds `({"images", "token_ids"}, caption_id)` batches of image-caption pairs.
+
+    `token_ids` are the tokenized `Example.caption`; `caption_id` (int32, see `caption_ids`)
+    is equal for examples with identical captions, which a `kvlm.models.DualEncoder` uses
+    as pair ids so that images with the same caption are positives, not negatives.
+    Images go through the same decode / augment / resize steps as `make_dataset`.
+
+    Args:
+        examples: Records with in-memory images or image paths.
+        tokenizer: A keras-hub tokenizer with a fixed `sequence_length`.
+        image_size: Side of the square model input.
+        batch_size: Pairs per batch (the in-batch negatives of a contrastive loss).
+        shuffle: Reshuffle every epoch (deterministic from `seed`).
+        augment: Apply tf-models-official RandAugment with answer-preserving operations.
+        seed: Shuffle seed.
+        drop_remainder: Drop the last partial batch.
+    """
+    if not examples:
+        raise ValueError("`examples` is empty.")
+    ids = tf.constant(caption_ids(examples))
+    captions = tf.constant([e.caption for e in examples])
+    dataset = _source(examples)
+    if shuffle:
+        dataset = dataset.shuffle(min(len(examples), 50_000), seed=seed, reshuffle_each_iteration=True)
+    augmenter = make_augmenter() if augment else None
+
+    def to_features(image, index):
+        if augmenter is not None:
+            image = augmenter(image)
+        return resize_image(image, image_size), tf.gather(captions, index), tf.gather(ids, index)
+
+    dataset = dataset.map(to_features, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    dataset = dataset.map(
+        lambda images, text, pair_id: ({"images": images, "token_ids": tokenizer(text)}, pair_id),
         num_parallel_calls=tf.data.AUTOTUNE,
     )
     return dataset.prefetch(tf.data.AUTOTUNE)

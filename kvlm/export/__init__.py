@@ -4,7 +4,8 @@
 `saved_models/kvlm/<version>/` with a `serving_default` signature taking
 `image_bytes` and `text` (both `string[batch]`) and returning `answer`, `score`,
 `scores` and `labels` (see `kvlm.export.signatures`), plus warm-up requests in
-`assets.extra/tf_serving_warmup_requests`.
+`assets.extra/tf_serving_warmup_requests`. A `DualEncoder` is exported with an `embed`
+signature (also its `serving_default`) returning `image_embedding` and `text_embedding`.
 
 Submodules import TensorFlow and Keras lazily, so `kvlm.export.layout` stays light.
 """
@@ -17,7 +18,9 @@ from typing import Any
 _LAZY = {
     "export_model": "kvlm.export.savedmodel",
     "write_saved_model": "kvlm.export.savedmodel",
+    "write_dual_encoder_saved_model": "kvlm.export.savedmodel",
     "make_serving_function": "kvlm.export.signatures",
+    "make_embed_function": "kvlm.export.signatures",
     "write_warmup_requests": "kvlm.export.warmup",
     "validate_model_name": "kvlm.export.layout",
     "next_version": "kvlm.export.layout",
@@ -25,6 +28,8 @@ _LAZY = {
     "SIGNATURE_NAME": "kvlm.export.signatures",
     "INPUT_NAMES": "kvlm.export.signatures",
     "OUTPUT_NAMES": "kvlm.export.signatures",
+    "EMBED_SIGNATURE_NAME": "kvlm.export.signatures",
+    "EMBED_OUTPUT_NAMES": "kvlm.export.signatures",
 }
 
 __all__ = sorted(_LAZY)

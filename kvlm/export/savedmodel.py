@@ -26,10 +26,14 @@ import tensorflow as tf
 
 from kvlm.export.layout import next_version, validate_model_name
 from kvlm.export.signatures import (
+    EMBED_FEATURES_SIGNATURE_NAME,
+    EMBED_OUTPUT_NAMES,
+    EMBED_SIGNATURE_NAME,
     FEATURES_SIGNATURE_NAME,
     INPUT_NAMES,
     OUTPUT_NAMES,
     SIGNATURE_NAME,
+    make_embed_function,
     make_serving_function,
 )
 from kvlm.export.warmup import WARMUP_DIR, write_warmup_requests
@@ -58,6 +62,8 @@ def write_saved_model(
 ) -> Path:
     """Writes `model` (a `VLMClassifier`) with preprocessing as a SavedModel at `path`.
 
+    A `DualEncoder` is written by `write_dual_encoder_saved_model` (`answers` unused).
+
     Args:
         model: The classifier; its backbone gives image size and sequence length.
         tokenizer: The keras-hub tokenizer used in training.
@@ -67,6 +73,10 @@ def write_saved_model(
         platforms: JAX only: devices to lower for, e.g. `("cpu", "cuda")`
             (default: the device JAX runs on).
     """
+    from kvlm.models.dual_encoder import DualEncoder
+
+    if isinstance(model, DualEncoder):
+        return write_dual_encoder_saved_model(model, tokenizer, path, model_name, platforms)
     backend = _check_backend()
     if len(answers) != model.output.shape[-1]:
         raise ValueError(f"{len(answers)} answers for a model with {model.output.shape[-1]} outputs.")
@@ -78,12 +88,6 @@ def write_saved_model(
     def logits(images, token_ids):
         return model({"images": images, "token_ids": token_ids}, training=False)
 
-    kwargs = {}
-    if backend == "jax":
-        # Serving needs no gradients; without them the SavedModel has no custom-gradient functions.
-        kwargs["jax2tf_kwargs"] = {"with_gradient": False}
-        if platforms:
-            kwargs["jax2tf_kwargs"]["native_serialization_platforms"] = tuple(platforms)
     logits_fn = archive.add_endpoint(
         FEATURES_SIGNATURE_NAME,
         logits,
@@ -91,7 +95,7 @@ def write_saved_model(
             tf.TensorSpec((None, image_size, image_size, 3), tf.float32, name="images"),
             tf.TensorSpec((None, sequence_length), tf.int32, name="token_ids"),
         ],
-        **kwargs,
+        **_jax2tf_kwargs(backend, platforms),
     )
     serve = make_serving_function(logits_fn, tokenizer, answers, image_size)
     archive.add_endpoint(SIGNATURE_NAME, serve)
@@ -105,6 +109,67 @@ def write_saved_model(
         "answers": list(answers),
         "image_size": image_size,
         "sequence_length": sequence_length,
+        "keras_backend": backend,
+    }
+    (Path(path) / WARMUP_DIR / METADATA_FILE).write_text(json.dumps(metadata, indent=2), encoding="utf-8")
+    return Path(path)
+
+
+def _jax2tf_kwargs(backend: str, platforms: Sequence[str] | None) -> dict:
+    if backend != "jax":
+        return {}
+    # Serving needs no gradients; without them the SavedModel has no custom-gradient functions.
+    kwargs = {"with_gradient": False}
+    if platforms:
+        kwargs["native_serialization_platforms"] = tuple(platforms)
+    return {"jax2tf_kwargs": kwargs}
+
+
+def write_dual_encoder_saved_model(
+    model: keras.Model,
+    tokenizer,
+    path: str | Path,
+    model_name: str = "kvlm",
+    platforms: Sequence[str] | None = None,
+) -> Path:
+    """Writes a `DualEncoder` with preprocessing as a SavedModel at `path`.
+
+    Signatures `embed` and `serving_default` (the same function) take `image_bytes` and
+    `text` (`string[batch]`) and return `image_embedding` and `text_embedding`
+    (float32 `[batch, embedding_dim]`, unit norm); see `kvlm.export.signatures`.
+    Arguments as for `write_saved_model`.
+    """
+    backend = _check_backend()
+    image_size = model.image_size
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+
+    def embeddings(images, token_ids):
+        outputs = model({"images": images, "token_ids": token_ids}, training=False)
+        return outputs["image_embedding"], outputs["text_embedding"]
+
+    embeddings_fn = archive.add_endpoint(
+        EMBED_FEATURES_SIGNATURE_NAME,
+        embeddings,
+        input_signature=[
+            tf.TensorSpec((None, image_size, image_size, 3), tf.float32, name="images"),
+            tf.TensorSpec((None, model.sequence_length), tf.int32, name="token_ids"),
+        ],
+        **_jax2tf_kwargs(backend, platforms),
+    )
+    archive.add_endpoint(EMBED_SIGNATURE_NAME, make_embed_function(embeddings_fn, tokenizer, image_size))
+    archive.add_endpoint(SIGNATURE_NAME, make_embed_function(embeddings_fn, tokenizer, image_size))
+    archive.write_out(str(path), verbose=False)
+
+    write_warmup_requests(path, model_name, image_size)
+    metadata = {
+        "signature": SIGNATURE_NAME,
+        "signatures": [SIGNATURE_NAME, EMBED_SIGNATURE_NAME],
+        "inputs": list(INPUT_NAMES),
+        "outputs": list(EMBED_OUTPUT_NAMES),
+        "embedding_dim": model.embedding_dim,
+        "image_size": image_size,
+        "sequence_length": model.sequence_length,
         "keras_backend": backend,
     }
     (Path(path) / WARMUP_DIR / METADATA_FILE).write_text(json.dumps(metadata, indent=2), encoding="utf-8")

@@ -32,6 +32,11 @@ IMAGE_INPUT = "image_bytes"
 TEXT_INPUT = "text"
 INPUT_NAMES = (IMAGE_INPUT, TEXT_INPUT)
 OUTPUT_NAMES = ("answer", "score", "scores", "labels")
+# A `DualEncoder` export: `embed` (also its `serving_default`) maps the same inputs to
+# unit-norm float32 `[batch, embedding_dim]` embeddings of each image and each text.
+EMBED_SIGNATURE_NAME = "embed"
+EMBED_FEATURES_SIGNATURE_NAME = "embeddings"
+EMBED_OUTPUT_NAMES = ("image_embedding", "text_embedding")
 
 
 def preprocess_images(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -73,6 +78,18 @@ def preprocess_images(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
     return tf.ensure_shape(images, (None, image_size, image_size, 3))
 
 
+def preprocess_inputs(image_bytes: tf.Tensor, text: tf.Tensor, tokenizer, image_size: int):
+    """`(images, token_ids)` from the serving inputs, after checking their batch sizes agree."""
+    check = tf.debugging.assert_equal(
+        tf.shape(image_bytes)[0], tf.shape(text)[0],
+        message=f"inputs '{IMAGE_INPUT}' and '{TEXT_INPUT}' must have the same batch size",
+    )
+    with tf.control_dependencies([check]):
+        images = preprocess_images(image_bytes, image_size)
+        token_ids = tf.cast(tokenizer(text), tf.int32)
+    return images, token_ids
+
+
 def make_serving_function(
     logits_fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
     tokenizer,
@@ -95,13 +112,7 @@ def make_serving_function(
     )
     def serve(image_bytes, text):
         batch = tf.shape(image_bytes)[0]
-        check = tf.debugging.assert_equal(
-            batch, tf.shape(text)[0],
-            message=f"inputs '{IMAGE_INPUT}' and '{TEXT_INPUT}' must have the same batch size",
-        )
-        with tf.control_dependencies([check]):
-            images = preprocess_images(image_bytes, image_size)
-            token_ids = tf.cast(tokenizer(text), tf.int32)
+        images, token_ids = preprocess_inputs(image_bytes, text, tokenizer, image_size)
         logits = tf.cast(logits_fn(images, token_ids), tf.float32)
         scores = tf.nn.softmax(logits, axis=-1)
         best = tf.argmax(scores, axis=-1, output_type=tf.int32)
@@ -114,3 +125,34 @@ def make_serving_function(
 
     serve.get_concrete_function()
     return serve
+
+
+def make_embed_function(
+    embed_fn: Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]],
+    tokenizer,
+    image_size: int,
+) -> tf.types.experimental.GenericFunction:
+    """Builds the traced `embed` function around `embed_fn(images, token_ids)`.
+
+    `embed_fn` is a `tf.function` (for the JAX backend, the jax2tf-converted model)
+    returning `(image_embedding, text_embedding)`, each `(batch, embedding_dim)`.
+    The inputs and their preprocessing are those of `serving_default`.
+    """
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None], tf.string, name=IMAGE_INPUT),
+            tf.TensorSpec([None], tf.string, name=TEXT_INPUT),
+        ],
+        autograph=False,
+    )
+    def embed(image_bytes, text):
+        images, token_ids = preprocess_inputs(image_bytes, text, tokenizer, image_size)
+        image_embedding, text_embedding = embed_fn(images, token_ids)
+        return {
+            "image_embedding": tf.cast(image_embedding, tf.float32),
+            "text_embedding": tf.cast(text_embedding, tf.float32),
+        }
+
+    embed.get_concrete_function()
+    return embed
