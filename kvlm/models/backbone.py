@@ -7,10 +7,9 @@ from typing import Any
 import keras
 from keras import ops
 
-from kvlm.layers import CNNEncoder, FusionBlock, ModalityFusion, TextEncoder, ViTEncoder
+from kvlm.layers import FusionBlock, ModalityFusion
+from kvlm.models import encoders
 from kvlm.models.presets import get_preset
-
-ENCODERS = ("vit", "cnn")
 
 
 @keras.saving.register_keras_serializable(package="kvlm")
@@ -54,25 +53,16 @@ class VLMBackbone(keras.Model):
         dtype=None,
         **kwargs,
     ):
-        if encoder not in ENCODERS:
-            raise ValueError(f"`encoder` must be one of {ENCODERS}. Received: encoder={encoder!r}")
-        if vocabulary_size < 2:
-            raise ValueError(f"`vocabulary_size` must be >= 2. Received: vocabulary_size={vocabulary_size}")
         images = keras.Input((image_size, image_size, 3), dtype="float32", name="images")
         token_ids = keras.Input((sequence_length,), dtype="int32", name="token_ids")
-
-        if encoder == "vit":
-            image_encoder = ViTEncoder(
-                image_size, patch_size, hidden_dim, num_image_layers, num_heads, intermediate_dim,
-                dropout, dtype=dtype, name="image_encoder",
-            )
-        else:
-            image_encoder = CNNEncoder(
-                image_size, hidden_dim, cnn_filters, cnn_stages, dtype=dtype, name="image_encoder"
-            )
-        text_encoder = TextEncoder(
-            vocabulary_size, sequence_length, hidden_dim, num_text_layers, num_heads,
-            intermediate_dim, dropout, dtype=dtype, name="text_encoder",
+        image_encoder = encoders.image_encoder(
+            encoder, image_size, hidden_dim, patch_size=patch_size, cnn_filters=cnn_filters,
+            cnn_stages=cnn_stages, num_layers=num_image_layers, num_heads=num_heads,
+            intermediate_dim=intermediate_dim, dropout=dropout, dtype=dtype,
+        )
+        text_encoder = encoders.text_encoder(
+            vocabulary_size, sequence_length, hidden_dim, num_layers=num_text_layers, num_heads=num_heads,
+            intermediate_dim=intermediate_dim, dropout=dropout, dtype=dtype,
         )
         image_tokens = image_encoder(images)
         text_tokens = text_encoder(token_ids)

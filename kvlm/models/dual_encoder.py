@@ -7,7 +7,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from kvlm.layers import CNNEncoder, TextEncoder, ViTEncoder
+from kvlm.models import encoders
 from kvlm.models.contrastive import (
     DEFAULT_BIAS,
     DEFAULT_TEMPERATURE,
@@ -17,7 +17,6 @@ from kvlm.models.contrastive import (
 )
 from kvlm.models.presets import get_preset
 
-ENCODERS = ("vit", "cnn")
 IMAGE_POOLINGS = ("attention", "mean")
 # Preset keys that configure the fusion stack, which a dual encoder does not have.
 _FUSION_KEYS = ("num_fusion_layers", "moe")
@@ -155,16 +154,12 @@ class DualEncoder(keras.Model):
         dtype=None,
         **kwargs,
     ):
-        if encoder not in ENCODERS:
-            raise ValueError(f"`encoder` must be one of {ENCODERS}. Received: encoder={encoder!r}")
         if loss not in LOSSES:
             raise ValueError(f"`loss` must be one of {LOSSES}. Received: loss={loss!r}")
         if image_pooling not in IMAGE_POOLINGS:
             raise ValueError(
                 f"`image_pooling` must be one of {IMAGE_POOLINGS}. Received: image_pooling={image_pooling!r}"
             )
-        if vocabulary_size < 2:
-            raise ValueError(f"`vocabulary_size` must be >= 2. Received: vocabulary_size={vocabulary_size}")
         if embedding_dim < 1:
             raise ValueError(f"`embedding_dim` must be >= 1. Received: embedding_dim={embedding_dim}")
         if loss == "clip" and initial_bias is not None:
@@ -176,22 +171,18 @@ class DualEncoder(keras.Model):
 
         images = keras.Input((image_size, image_size, 3), dtype="float32", name="images")
         token_ids = keras.Input((sequence_length,), dtype="int32", name="token_ids")
-        if encoder == "vit":
-            image_encoder = ViTEncoder(
-                image_size, patch_size, hidden_dim, num_image_layers, num_heads, intermediate_dim,
-                dropout, dtype=dtype, name="image_encoder",
-            )
-        else:
-            image_encoder = CNNEncoder(
-                image_size, hidden_dim, cnn_filters, cnn_stages, dtype=dtype, name="image_encoder"
-            )
+        image_encoder = encoders.image_encoder(
+            encoder, image_size, hidden_dim, patch_size=patch_size, cnn_filters=cnn_filters,
+            cnn_stages=cnn_stages, num_layers=num_image_layers, num_heads=num_heads,
+            intermediate_dim=intermediate_dim, dropout=dropout, dtype=dtype,
+        )
         if image_pooling == "attention":
             image_pool = AttentionPooling(num_heads, dtype=dtype, name="image_pooling")
         else:
             image_pool = MaskedMeanPooling(dtype=dtype, name="image_pooling")
-        text_encoder = TextEncoder(
-            vocabulary_size, sequence_length, hidden_dim, num_text_layers, num_heads,
-            intermediate_dim, dropout, dtype=dtype, name="text_encoder",
+        text_encoder = encoders.text_encoder(
+            vocabulary_size, sequence_length, hidden_dim, num_layers=num_text_layers, num_heads=num_heads,
+            intermediate_dim=intermediate_dim, dropout=dropout, dtype=dtype,
         )
         text_pool = MaskedMeanPooling(dtype=dtype, name="text_pooling")
         # Projections and normalisation in float32, so embeddings are float32 under mixed precision.
