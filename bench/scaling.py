@@ -232,7 +232,7 @@ def main() -> int:
         },
         "batch_size": args.batch_size, "warmup": args.warmup, "steps": args.steps, "repeats": args.repeats,
         "results": results, "notes": notes,
-        "command": "python bench/scaling.py " + " ".join(sys.argv[1:]),
+        "command": ("python bench/scaling.py " + " ".join(sys.argv[1:])).strip(),
         "gpu_commands": [
             "python bench/scaling.py --gpus --devices 1 2 4 8 --workers 1 2 --batch-size 256 --steps 50",
             "# one worker per host instead: set TF_CONFIG (TensorFlow) or KERAS_DISTRIBUTION_* (JAX) on each host",

@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             "direct_p50_ms": direct_p50, "direct_p99_ms": percentile(direct, 99) * 1e3,
             "ratio": served_p50 / direct_p50,
         },
-        "command": "python bench/serving.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": ("python bench/serving.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip(),
     }
     ratio = batched["throughput_rps"] / unbatched["throughput_rps"]
     result["targets"] = {
