@@ -3,16 +3,23 @@
 from kvlm.models.backbone import VLMBackbone
 from kvlm.models.classifier import VLMClassifier
 from kvlm.models.contrastive import CLIPLoss, ContrastiveLogits, SigLIPLoss
+from kvlm.models.distiller import DistillationKL, Distiller
 from kvlm.models.dual_encoder import DualEncoder
+from kvlm.models.flops import count_parameters, forward_flops, model_profile
 from kvlm.models.presets import PRESETS, get_preset
 
 __all__ = [
     "CLIPLoss",
     "ContrastiveLogits",
+    "DistillationKL",
+    "Distiller",
     "DualEncoder",
     "PRESETS",
     "SigLIPLoss",
     "VLMBackbone",
     "VLMClassifier",
+    "count_parameters",
+    "forward_flops",
     "get_preset",
+    "model_profile",
 ]
