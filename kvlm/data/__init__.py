@@ -7,8 +7,10 @@ from kvlm.data.pipeline import (
     answer_vocabulary,
     caption_ids,
     encode_answers,
+    make_caption_dataset,
     make_dataset,
     make_pair_dataset,
+    pack_captions,
 )
 from kvlm.data.preprocessing import decode_image, make_augmenter, resize_image
 from kvlm.data.tokenizer import build_vocabulary, load_vocabulary, make_tokenizer, save_vocabulary
@@ -25,9 +27,11 @@ __all__ = [
     "load_folder",
     "load_vocabulary",
     "make_augmenter",
+    "make_caption_dataset",
     "make_dataset",
     "make_pair_dataset",
     "make_tokenizer",
+    "pack_captions",
     "png_bytes",
     "resize_image",
     "save_vocabulary",

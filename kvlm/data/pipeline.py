@@ -164,3 +164,80 @@ def make_pair_dataset(
         num_parallel_calls=tf.data.AUTOTUNE,
     )
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+CAPTION_START_TOKEN = "[CLS]"
+CAPTION_END_TOKEN = "[SEP]"
+
+
+def pack_captions(tokenizer, texts, sequence_length: int | None = None) -> tf.Tensor:
+    """Tokenizes `texts` to int32 `[CLS] words [SEP]` rows of `sequence_length`, padded with 0.
+
+    `sequence_length` defaults to the tokenizer's; longer captions are cut, keeping `[SEP]`.
+    The tokenizer's own `sequence_length` must leave room for the longest caption (it cuts first).
+    """
+    import keras_hub
+
+    sequence_length = sequence_length or tokenizer.sequence_length
+    if not sequence_length or sequence_length < 3:
+        raise ValueError(f"`sequence_length` must be >= 3. Received: sequence_length={sequence_length}")
+    start, end = tokenizer.token_to_id(CAPTION_START_TOKEN), tokenizer.token_to_id(CAPTION_END_TOKEN)
+    ids = tf.cast(tokenizer(texts), tf.int32)
+    if not isinstance(ids, tf.RaggedTensor):
+        ids = tf.RaggedTensor.from_tensor(ids, padding=0)
+    packer = keras_hub.layers.StartEndPacker(
+        sequence_length, start_value=start, end_value=end, pad_value=0, dtype="int32"
+    )
+    return tf.cast(packer(ids), tf.int32)
+
+
+def make_caption_dataset(
+    examples: Sequence[Example],
+    tokenizer,
+    image_size: int,
+    batch_size: int = 64,
+    shuffle: bool = False,
+    augment: bool = False,
+    seed: int = 0,
+    drop_remainder: bool = False,
+    sequence_length: int | None = None,
+) -> tf.data.Dataset:
+    """Builds `({"images", "token_ids"}, next_token_ids)` batches for teacher-forced captioning.
+
+    `token_ids` are `[CLS] caption [SEP]` padded with 0 (`pack_captions`); `next_token_ids`
+    are the same shifted left by one (the token each position predicts), padded with 0.
+    Images go through the same decode / augment / resize steps as `make_dataset`.
+
+    Args:
+        examples: Records with in-memory images or image paths, and a `caption`.
+        tokenizer: A keras-hub WordPiece tokenizer whose vocabulary has `[CLS]` and `[SEP]`.
+        image_size: Side of the square model input.
+        batch_size: Examples per batch.
+        shuffle: Reshuffle every epoch (deterministic from `seed`).
+        augment: Apply tf-models-official RandAugment with answer-preserving operations.
+        seed: Shuffle seed.
+        drop_remainder: Drop the last partial batch.
+        sequence_length: Length of `token_ids` (default: the tokenizer's).
+    """
+    if not examples:
+        raise ValueError("`examples` is empty.")
+    captions = tf.constant([e.caption for e in examples])
+    dataset = _source(examples)
+    if shuffle:
+        dataset = dataset.shuffle(min(len(examples), 50_000), seed=seed, reshuffle_each_iteration=True)
+    augmenter = make_augmenter() if augment else None
+
+    def to_features(image, index):
+        if augmenter is not None:
+            image = augmenter(image)
+        return resize_image(image, image_size), tf.gather(captions, index)
+
+    def to_batch(images, text):
+        token_ids = pack_captions(tokenizer, text, sequence_length)
+        targets = tf.pad(token_ids[:, 1:], [[0, 0], [0, 1]])
+        return {"images": images, "token_ids": token_ids}, targets
+
+    dataset = dataset.map(to_features, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    dataset = dataset.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE)

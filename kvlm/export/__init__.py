@@ -19,8 +19,10 @@ _LAZY = {
     "export_model": "kvlm.export.savedmodel",
     "write_saved_model": "kvlm.export.savedmodel",
     "write_dual_encoder_saved_model": "kvlm.export.savedmodel",
+    "write_captioner_saved_model": "kvlm.export.savedmodel",
     "make_serving_function": "kvlm.export.signatures",
     "make_embed_function": "kvlm.export.signatures",
+    "make_caption_function": "kvlm.export.signatures",
     "write_warmup_requests": "kvlm.export.warmup",
     "validate_model_name": "kvlm.export.layout",
     "next_version": "kvlm.export.layout",
@@ -30,6 +32,8 @@ _LAZY = {
     "OUTPUT_NAMES": "kvlm.export.signatures",
     "EMBED_SIGNATURE_NAME": "kvlm.export.signatures",
     "EMBED_OUTPUT_NAMES": "kvlm.export.signatures",
+    "CAPTION_SIGNATURE_NAME": "kvlm.export.signatures",
+    "CAPTION_OUTPUT_NAMES": "kvlm.export.signatures",
 }
 
 __all__ = sorted(_LAZY)

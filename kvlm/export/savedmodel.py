@@ -26,6 +26,10 @@ import tensorflow as tf
 
 from kvlm.export.layout import next_version, validate_model_name
 from kvlm.export.signatures import (
+    CAPTION_FEATURES_SIGNATURE_NAME,
+    CAPTION_INPUT_NAMES,
+    CAPTION_OUTPUT_NAMES,
+    CAPTION_SIGNATURE_NAME,
     EMBED_FEATURES_SIGNATURE_NAME,
     EMBED_OUTPUT_NAMES,
     EMBED_SIGNATURE_NAME,
@@ -33,6 +37,7 @@ from kvlm.export.signatures import (
     INPUT_NAMES,
     OUTPUT_NAMES,
     SIGNATURE_NAME,
+    make_caption_function,
     make_embed_function,
     make_serving_function,
 )
@@ -62,7 +67,8 @@ def write_saved_model(
 ) -> Path:
     """Writes `model` (a `VLMClassifier`) with preprocessing as a SavedModel at `path`.
 
-    A `DualEncoder` is written by `write_dual_encoder_saved_model` (`answers` unused).
+    A `DualEncoder` is written by `write_dual_encoder_saved_model` and a `Captioner` by
+    `write_captioner_saved_model` (`answers` unused for both).
 
     Args:
         model: The classifier; its backbone gives image size and sequence length.
@@ -73,10 +79,13 @@ def write_saved_model(
         platforms: JAX only: devices to lower for, e.g. `("cpu", "cuda")`
             (default: the device JAX runs on).
     """
+    from kvlm.models.captioner import Captioner
     from kvlm.models.dual_encoder import DualEncoder
 
     if isinstance(model, DualEncoder):
         return write_dual_encoder_saved_model(model, tokenizer, path, model_name, platforms)
+    if isinstance(model, Captioner):
+        return write_captioner_saved_model(model, tokenizer, path, model_name, platforms)
     backend = _check_backend()
     if len(answers) != model.output.shape[-1]:
         raise ValueError(f"{len(answers)} answers for a model with {model.output.shape[-1]} outputs.")
@@ -168,6 +177,66 @@ def write_dual_encoder_saved_model(
         "inputs": list(INPUT_NAMES),
         "outputs": list(EMBED_OUTPUT_NAMES),
         "embedding_dim": model.embedding_dim,
+        "image_size": image_size,
+        "sequence_length": model.sequence_length,
+        "keras_backend": backend,
+    }
+    (Path(path) / WARMUP_DIR / METADATA_FILE).write_text(json.dumps(metadata, indent=2), encoding="utf-8")
+    return Path(path)
+
+
+def write_captioner_saved_model(
+    model: keras.Model,
+    tokenizer,
+    path: str | Path,
+    model_name: str = "kvlm",
+    platforms: Sequence[str] | None = None,
+) -> Path:
+    """Writes a `Captioner` with preprocessing and greedy decoding as a SavedModel at `path`.
+
+    Signatures `caption` and `serving_default` (the same function) take `image_bytes`
+    (`string[batch]`) and return `caption` (`string[batch]`): the image is decoded and
+    resized in the graph, the caption is decoded greedily in a `tf.while_loop` (the keras-hub
+    `GreedySampler`, as `model.generate(..., sampler="greedy")`) and detokenized with the
+    WordPiece detokenizer. `caption_token_ids` maps float images to the generated ids.
+    The warm-up requests send `image_bytes` only. Arguments as for `write_saved_model`;
+    TensorFlow backend only (the sampling loop is traced as TensorFlow ops).
+    """
+    from kvlm.models.captioning import check_caption_tokens
+
+    backend = _check_backend()
+    if backend != "tensorflow":
+        raise ValueError(
+            f"Captioner export needs the TensorFlow backend, not {backend!r}. "
+            "The .keras file is backend-independent: run the export with KERAS_BACKEND=tensorflow."
+        )
+    del platforms  # JAX only
+    check_caption_tokens(model, tokenizer)
+    image_size = model.image_size
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+
+    def token_ids(images):
+        return model.generate_token_ids(images, sampler="greedy")
+
+    token_ids_fn = archive.add_endpoint(
+        CAPTION_FEATURES_SIGNATURE_NAME,
+        token_ids,
+        input_signature=[tf.TensorSpec((None, image_size, image_size, 3), tf.float32, name="images")],
+    )
+    caption = make_caption_function(
+        token_ids_fn, tokenizer, image_size, model.start_token_id, model.end_token_id
+    )
+    archive.add_endpoint(CAPTION_SIGNATURE_NAME, caption)
+    archive.add_endpoint(SIGNATURE_NAME, caption)
+    archive.write_out(str(path), verbose=False)
+
+    write_warmup_requests(path, model_name, image_size, with_text=False)
+    metadata = {
+        "signature": SIGNATURE_NAME,
+        "signatures": [SIGNATURE_NAME, CAPTION_SIGNATURE_NAME],
+        "inputs": list(CAPTION_INPUT_NAMES),
+        "outputs": list(CAPTION_OUTPUT_NAMES),
         "image_size": image_size,
         "sequence_length": model.sequence_length,
         "keras_backend": backend,

@@ -37,6 +37,12 @@ OUTPUT_NAMES = ("answer", "score", "scores", "labels")
 EMBED_SIGNATURE_NAME = "embed"
 EMBED_FEATURES_SIGNATURE_NAME = "embeddings"
 EMBED_OUTPUT_NAMES = ("image_embedding", "text_embedding")
+# A `Captioner` export: `caption` (also its `serving_default`) maps `image_bytes` alone to
+# greedy-decoded caption strings.
+CAPTION_SIGNATURE_NAME = "caption"
+CAPTION_FEATURES_SIGNATURE_NAME = "caption_token_ids"
+CAPTION_INPUT_NAMES = (IMAGE_INPUT,)
+CAPTION_OUTPUT_NAMES = ("caption",)
 
 
 def preprocess_images(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -156,3 +162,30 @@ def make_embed_function(
 
     embed.get_concrete_function()
     return embed
+
+
+def make_caption_function(
+    token_ids_fn: Callable[[tf.Tensor], tf.Tensor],
+    tokenizer,
+    image_size: int,
+    start_token_id: int,
+    end_token_id: int,
+) -> tf.types.experimental.GenericFunction:
+    """Builds the traced `caption` function around `token_ids_fn(images)`.
+
+    `token_ids_fn` is a `tf.function` returning the generated int32 `(batch, length)` ids
+    (start token, caption tokens, end token, padding). The input is `image_bytes`
+    (`string[batch]`, preprocessed as in `serving_default`); the output `caption`
+    (`string[batch]`) holds the tokens between the start and the first end token, joined
+    by the WordPiece detokenizer (tf-text).
+    """
+    from kvlm.models.captioning import decode_captions
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=IMAGE_INPUT)], autograph=False)
+    def caption(image_bytes):
+        images = preprocess_images(image_bytes, image_size)
+        token_ids = token_ids_fn(images)
+        return {"caption": decode_captions(token_ids, tokenizer, start_token_id, end_token_id)}
+
+    caption.get_concrete_function()
+    return caption

@@ -40,9 +40,16 @@ def make_predict_request(
 
 
 def write_warmup_requests(
-    version_dir: str | Path, model_name: str, image_size: int, batch_sizes: Sequence[int] = (1, 8)
+    version_dir: str | Path,
+    model_name: str,
+    image_size: int,
+    batch_sizes: Sequence[int] = (1, 8),
+    with_text: bool = True,
 ) -> Path:
-    """Writes one warm-up `PredictionLog` per batch size; returns the file path."""
+    """Writes one warm-up `PredictionLog` per batch size; returns the file path.
+
+    `with_text=False` leaves out the `text` input, for image-only signatures.
+    """
     path = Path(version_dir) / WARMUP_DIR / WARMUP_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     with tf.io.TFRecordWriter(str(path)) as writer:
@@ -50,6 +57,8 @@ def write_warmup_requests(
             request = make_predict_request(
                 model_name, [example_png(image_size, seed=i) for i in range(size)], [WARMUP_QUESTION] * size
             )
+            if not with_text:
+                del request.inputs[TEXT_INPUT]
             log = prediction_log_pb2.PredictionLog(
                 predict_log=prediction_log_pb2.PredictLog(request=request)
             )

@@ -1,6 +1,7 @@
 """Backbones, task models and presets."""
 
 from kvlm.models.backbone import VLMBackbone
+from kvlm.models.captioner import CaptionDecoder, Captioner
 from kvlm.models.classifier import VLMClassifier
 from kvlm.models.contrastive import CLIPLoss, ContrastiveLogits, SigLIPLoss
 from kvlm.models.distiller import DistillationKL, Distiller
@@ -10,6 +11,8 @@ from kvlm.models.presets import PRESETS, get_preset
 
 __all__ = [
     "CLIPLoss",
+    "CaptionDecoder",
+    "Captioner",
     "ContrastiveLogits",
     "DistillationKL",
     "Distiller",
