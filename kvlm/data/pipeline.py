@@ -55,6 +55,44 @@ def _source(examples: Sequence[Example]) -> tf.data.Dataset:
     raise ValueError("Every example needs an in-memory `image`, or every example an `image_path`.")
 
 
+def _image_text_batches(
+    examples: Sequence[Example],
+    texts: Sequence[str],
+    targets: np.ndarray | None,
+    to_batch,
+    image_size: int,
+    batch_size: int,
+    shuffle: bool,
+    augment: bool,
+    seed: int,
+    drop_remainder: bool = False,
+) -> tf.data.Dataset:
+    """The shared pipeline: decode, (shuffle), (augment), resize, batch, then `to_batch`.
+
+    `to_batch(images, texts)` or, with `targets`, `to_batch(images, texts, targets)` maps a
+    batch of resized images and raw strings (and per-example targets) to model inputs.
+    """
+    if not examples:
+        raise ValueError("`examples` is empty.")
+    text_table = tf.constant(list(texts))
+    target_table = None if targets is None else tf.constant(targets)
+    dataset = _source(examples)
+    if shuffle:
+        dataset = dataset.shuffle(min(len(examples), 50_000), seed=seed, reshuffle_each_iteration=True)
+    augmenter = make_augmenter() if augment else None
+
+    def to_features(image, index):
+        if augmenter is not None:
+            image = augmenter(image)
+        features = (resize_image(image, image_size), tf.gather(text_table, index))
+        return features if target_table is None else (*features, tf.gather(target_table, index))
+
+    dataset = dataset.map(to_features, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    dataset = dataset.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
 def make_dataset(
     examples: Sequence[Example],
     tokenizer,
@@ -77,27 +115,12 @@ def make_dataset(
         augment: Apply tf-models-official RandAugment with answer-preserving operations.
         seed: Shuffle seed.
     """
-    if not examples:
-        raise ValueError("`examples` is empty.")
-    labels = tf.constant(encode_answers(examples, answers))
-    questions = tf.constant([e.question for e in examples])
-    dataset = _source(examples)
-    if shuffle:
-        dataset = dataset.shuffle(min(len(examples), 50_000), seed=seed, reshuffle_each_iteration=True)
-    augmenter = make_augmenter() if augment else None
-
-    def to_features(image, index):
-        if augmenter is not None:
-            image = augmenter(image)
-        return resize_image(image, image_size), tf.gather(questions, index), tf.gather(labels, index)
-
-    dataset = dataset.map(to_features, num_parallel_calls=tf.data.AUTOTUNE)
-    dataset = dataset.batch(batch_size)
-    dataset = dataset.map(
+    labels = encode_answers(examples, answers) if examples else None
+    return _image_text_batches(
+        examples, [e.question for e in examples], labels,
         lambda images, text, label: ({"images": images, "token_ids": tokenizer(text)}, label),
-        num_parallel_calls=tf.data.AUTOTUNE,
+        image_size, batch_size, shuffle, augment, seed,
     )
-    return dataset.prefetch(tf.data.AUTOTUNE)
 
 
 def caption_ids(examples: Sequence[Example], captions: Sequence[str] | None = None) -> np.ndarray:
@@ -143,27 +166,12 @@ def make_pair_dataset(
         seed: Shuffle seed.
         drop_remainder: Drop the last partial batch.
     """
-    if not examples:
-        raise ValueError("`examples` is empty.")
-    ids = tf.constant(caption_ids(examples))
-    captions = tf.constant([e.caption for e in examples])
-    dataset = _source(examples)
-    if shuffle:
-        dataset = dataset.shuffle(min(len(examples), 50_000), seed=seed, reshuffle_each_iteration=True)
-    augmenter = make_augmenter() if augment else None
-
-    def to_features(image, index):
-        if augmenter is not None:
-            image = augmenter(image)
-        return resize_image(image, image_size), tf.gather(captions, index), tf.gather(ids, index)
-
-    dataset = dataset.map(to_features, num_parallel_calls=tf.data.AUTOTUNE)
-    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
-    dataset = dataset.map(
+    ids = caption_ids(examples) if examples else None
+    return _image_text_batches(
+        examples, [e.caption for e in examples], ids,
         lambda images, text, pair_id: ({"images": images, "token_ids": tokenizer(text)}, pair_id),
-        num_parallel_calls=tf.data.AUTOTUNE,
+        image_size, batch_size, shuffle, augment, seed, drop_remainder,
     )
-    return dataset.prefetch(tf.data.AUTOTUNE)
 
 
 CAPTION_START_TOKEN = "[CLS]"
@@ -219,25 +227,12 @@ def make_caption_dataset(
         drop_remainder: Drop the last partial batch.
         sequence_length: Length of `token_ids` (default: the tokenizer's).
     """
-    if not examples:
-        raise ValueError("`examples` is empty.")
-    captions = tf.constant([e.caption for e in examples])
-    dataset = _source(examples)
-    if shuffle:
-        dataset = dataset.shuffle(min(len(examples), 50_000), seed=seed, reshuffle_each_iteration=True)
-    augmenter = make_augmenter() if augment else None
-
-    def to_features(image, index):
-        if augmenter is not None:
-            image = augmenter(image)
-        return resize_image(image, image_size), tf.gather(captions, index)
-
     def to_batch(images, text):
         token_ids = pack_captions(tokenizer, text, sequence_length)
         targets = tf.pad(token_ids[:, 1:], [[0, 0], [0, 1]])
         return {"images": images, "token_ids": token_ids}, targets
 
-    dataset = dataset.map(to_features, num_parallel_calls=tf.data.AUTOTUNE)
-    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
-    dataset = dataset.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE)
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    return _image_text_batches(
+        examples, [e.caption for e in examples], None, to_batch,
+        image_size, batch_size, shuffle, augment, seed, drop_remainder,
+    )
