@@ -118,23 +118,9 @@ class VLMBackbone(keras.Model):
 
     def get_config(self) -> dict[str, Any]:
         return {
-            "name": self.name,
-            "trainable": self.trainable,
-            "dtype": keras.dtype_policies.serialize(self.dtype_policy),
-            "vocabulary_size": self.vocabulary_size,
-            "image_size": self.image_size,
-            "encoder": self.encoder,
-            "patch_size": self.patch_size,
-            "cnn_filters": self.cnn_filters,
-            "cnn_stages": self.cnn_stages,
-            "sequence_length": self.sequence_length,
-            "hidden_dim": self.hidden_dim,
-            "num_heads": self.num_heads,
-            "intermediate_dim": self.intermediate_dim,
-            "num_image_layers": self.num_image_layers,
+            **encoders.encoder_config(self),
             "num_text_layers": self.num_text_layers,
             "num_fusion_layers": self.num_fusion_layers,
-            "dropout": self.dropout,
             "moe": self.moe,
         }
 

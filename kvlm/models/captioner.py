@@ -438,25 +438,11 @@ class Captioner(keras.Model):
 
     def get_config(self) -> dict[str, Any]:
         return {
-            "name": self.name,
-            "trainable": self.trainable,
-            "dtype": keras.dtype_policies.serialize(self.dtype_policy),
-            "vocabulary_size": self.vocabulary_size,
+            **encoders.encoder_config(self),
             "start_token_id": self.start_token_id,
             "end_token_id": self.end_token_id,
             "num_decoder_layers": self.num_decoder_layers,
             "moe": self.moe,
-            "image_size": self.image_size,
-            "encoder": self.encoder,
-            "patch_size": self.patch_size,
-            "cnn_filters": self.cnn_filters,
-            "cnn_stages": self.cnn_stages,
-            "sequence_length": self.sequence_length,
-            "hidden_dim": self.hidden_dim,
-            "num_heads": self.num_heads,
-            "intermediate_dim": self.intermediate_dim,
-            "num_image_layers": self.num_image_layers,
-            "dropout": self.dropout,
         }
 
     @classmethod

@@ -292,27 +292,13 @@ class DualEncoder(keras.Model):
 
     def get_config(self) -> dict[str, Any]:
         return {
-            "name": self.name,
-            "trainable": self.trainable,
-            "dtype": keras.dtype_policies.serialize(self.dtype_policy),
-            "vocabulary_size": self.vocabulary_size,
+            **encoders.encoder_config(self),
             "embedding_dim": self.embedding_dim,
             "loss": self.loss_type,
             "initial_temperature": self.initial_temperature,
             "initial_bias": self.initial_bias,
             "image_pooling": self.image_pooling,
-            "image_size": self.image_size,
-            "encoder": self.encoder,
-            "patch_size": self.patch_size,
-            "cnn_filters": self.cnn_filters,
-            "cnn_stages": self.cnn_stages,
-            "sequence_length": self.sequence_length,
-            "hidden_dim": self.hidden_dim,
-            "num_heads": self.num_heads,
-            "intermediate_dim": self.intermediate_dim,
-            "num_image_layers": self.num_image_layers,
             "num_text_layers": self.num_text_layers,
-            "dropout": self.dropout,
         }
 
     @classmethod

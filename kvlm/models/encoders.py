@@ -52,3 +52,20 @@ def text_encoder(
         vocabulary_size, sequence_length, hidden_dim, num_layers, num_heads,
         intermediate_dim, dropout, dtype=dtype, name="text_encoder",
     )
+
+
+# Constructor arguments every task model takes for its encoders, stored as attributes of the same name.
+ENCODER_CONFIG_KEYS = (
+    "vocabulary_size", "image_size", "encoder", "patch_size", "cnn_filters", "cnn_stages",
+    "sequence_length", "hidden_dim", "num_heads", "intermediate_dim", "num_image_layers", "dropout",
+)
+
+
+def encoder_config(model: keras.Model) -> dict:
+    """The base of a task model's `get_config`: name, trainable, dtype and its encoder arguments."""
+    return {
+        "name": model.name,
+        "trainable": model.trainable,
+        "dtype": keras.dtype_policies.serialize(model.dtype_policy),
+        **{key: getattr(model, key) for key in ENCODER_CONFIG_KEYS},
+    }
