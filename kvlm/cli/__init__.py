@@ -13,6 +13,7 @@ COMMAND_GROUPS = (
     "data",
     "experts",
     "export",
+    "index",
     "serve",
 )
 

@@ -9,7 +9,8 @@ def register(subparsers) -> None:
     """Adds the `export` command."""
     parser = subparsers.add_parser(
         "export",
-        help="export a trained run as a TF Serving SavedModel (raw image bytes + text in, answer out)",
+        help="export a trained run as a TF Serving SavedModel (raw image bytes + text in; answer, embeddings "
+        "or caption out, by task)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--model", default="runs/vqa", help="run folder written by `kvlm train`")
@@ -25,8 +26,10 @@ def register(subparsers) -> None:
 
 def run_export(args) -> int:
     from kvlm.export import export_model
+    from kvlm.training.tasks import export_description, read_task
 
     platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip()) if args.platforms else None
     path = export_model(args.model, base_path=args.base_path, name=args.name, version=args.version, platforms=platforms)
-    print(f"exported {args.model} to {path} (signature serving_default: image_bytes, text -> answer, score, scores, labels)")
+    task = read_task(args.model)
+    print(f"exported {task} run {args.model} to {path} ({export_description(task)})")
     return 0

@@ -10,6 +10,26 @@ from pathlib import Path
 
 # Kept in sync with kvlm.training.distribution.ALL_STRATEGIES (not imported: it loads Keras).
 STRATEGY_CHOICES = ("auto", "one_device", "mirrored", "multi_worker", "data_parallel", "expert_parallel")
+# Kept in sync with kvlm.training.tasks.TASKS, TASK_HELP and TASK_DEFAULTS (not imported: it loads Keras).
+TASK_CHOICES = ("vqa", "retrieval", "captioning", "distillation")
+TASK_HELP = (
+    "vqa: image+question -> answer; retrieval: CLIP/SigLIP dual encoder; captioning: image -> caption; "
+    "distillation: a small dense student from a trained VQA teacher (--teacher)"
+)
+# Kept in sync with kvlm.models.distiller.DEFAULT_ALPHA and DEFAULT_TEMPERATURE.
+DEFAULT_ALPHA = 0.1
+DEFAULT_TEMPERATURE = 3.0
+# Options that describe the data: a distillation run takes them from its teacher run.
+TEACHER_DATA_OPTIONS = ("data_dir", "datasets", "train_size", "eval_size")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except where the help text already explains a task-dependent default."""
+
+    def _get_help_string(self, action):
+        if action.default is None and "per task" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _backup_freq(value: str):
@@ -22,6 +42,16 @@ def _backup_freq(value: str):
     if steps < 1:
         raise argparse.ArgumentTypeError(f"expected 'epoch' or a number of steps >= 1, got {value!r}")
     return steps
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}")
+    return number
 
 
 def _dataset_names(value: str) -> list[str]:
@@ -57,32 +87,57 @@ def register(subparsers) -> None:
     """Adds the `train` and `evaluate` commands."""
     train = subparsers.add_parser(
         "train",
-        help="train a VQA classifier (procedural shapes data or a folder with annotations.jsonl)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="train a VQA classifier, a retrieval dual encoder, a captioner or a distilled VQA student (--task "
+        f"{'|'.join(TASK_CHOICES)}; procedural shapes data or a folder with annotations.jsonl)",
+        formatter_class=_HelpFormatter,
     )
-    train.add_argument("--output", default="runs/vqa", help="run folder for model, vocabulary and logs")
-    train.add_argument("--preset", default="kvlm_tiny", choices=["kvlm_tiny", "kvlm_small", "kvlm_base"])
-    train.add_argument("--encoder", default="cnn", choices=["vit", "cnn"])
+    train.add_argument("--task", default="vqa", choices=TASK_CHOICES, help=TASK_HELP)
+    train.add_argument(
+        "--loss", default="clip", choices=("clip", "siglip"),
+        help="retrieval: contrastive loss (CLIP softmax or SigLIP sigmoid)",
+    )
+    train.add_argument("--teacher", default=None,
+                       help="distillation: the teacher's run folder (a `kvlm train --task vqa` run); the student "
+                       "trains on its data, sizes, seed, vocabulary and answers")
+    train.add_argument("--student-preset", default="kvlm_tiny", choices=["kvlm_tiny", "kvlm_small", "kvlm_base"],
+                       help="distillation: the dense student's preset (with the teacher's image size and sequence length)")
+    train.add_argument("--student-fusion-layers", type=_positive_int, default=1,
+                       help="distillation: fusion blocks of the student")
+    train.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
+                       help="distillation: weight of the label cross-entropy; the soft-target KL gets 1 - alpha")
+    train.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                       help="distillation: softmax temperature of the soft targets")
+    train.add_argument("--output", default=None, help="run folder for model, vocabulary and logs (default per task: runs/TASK)")
+    train.add_argument("--preset", default="kvlm_tiny", choices=["kvlm_tiny", "kvlm_small", "kvlm_base"],
+                       help="model preset (distillation: see --student-preset)")
+    train.add_argument("--encoder", default="cnn", choices=["vit", "cnn"], help="image encoder (distillation: the student's)")
     train.add_argument("--data-dir", default=None, help="folder with images and annotations.jsonl")
     train.add_argument(
         "--datasets", type=_dataset_names, default=None,
         help="comma-separated plugin datasets to mix in equal shares, e.g. "
         "medical_scans,legal_documents,retail_shelves (see `kvlm experts list`)",
     )
-    train.add_argument("--train-size", type=int, default=24000, help="procedural training examples")
-    train.add_argument("--eval-size", type=int, default=2000, help="procedural held-out examples")
-    train.add_argument("--epochs", type=int, default=8)
-    train.add_argument("--batch-size", type=int, default=64, help="global batch, split over replicas")
-    train.add_argument("--learning-rate", type=float, default=2e-3)
+    train.add_argument("--train-size", type=int, default=None,
+                       help="procedural training examples (default per task: vqa 24000, retrieval 4096, captioning 3072; distillation: the teacher's)")
+    train.add_argument("--eval-size", type=int, default=None,
+                       help="procedural held-out examples (default per task: vqa 2000, retrieval and captioning 512; distillation: the teacher's)")
+    train.add_argument("--epochs", type=int, default=None,
+                       help="training epochs (default per task: vqa and distillation 8, retrieval 10, captioning 4)")
+    train.add_argument("--batch-size", type=int, default=None,
+                       help="global batch, split over replicas (default per task: vqa, retrieval and distillation 64, captioning 32)")
+    train.add_argument("--learning-rate", type=float, default=None,
+                       help="peak AdamW learning rate (default per task: vqa, captioning and distillation 2e-3, retrieval 1e-3)")
     train.add_argument("--augment", action="store_true", help="tf-models-official RandAugment")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument(
         "--strategy", default="auto", choices=STRATEGY_CHOICES,
         help="tensorflow: one_device|mirrored|multi_worker (cluster from TF_CONFIG); "
-        "jax: data_parallel|expert_parallel (processes from KERAS_DISTRIBUTION_*); auto picks from the environment",
+        "jax: data_parallel|expert_parallel (processes from KERAS_DISTRIBUTION_*); auto picks from the environment. "
+        "The retrieval, captioning and distillation tasks train on one device: auto or one_device",
     )
     train.add_argument("--moe-experts", type=_moe_experts, default=None,
-                       help="put a SparseMoE in every other fusion block: N built-in FFN experts, "
+                       help="put a SparseMoE in every other fusion block (captioning: after every decoder layer; "
+                       "not for retrieval or the distillation student): N built-in FFN experts, "
                        "'installed' (every plugin expert) or comma-separated expert names (`kvlm experts list`)")
     train.add_argument("--moe-top-k", type=int, default=2, help="experts per token (with --moe-experts)")
     train.add_argument("--expert-axis-size", type=int, default=None, help="expert_parallel: devices on the expert axis")
@@ -96,7 +151,11 @@ def register(subparsers) -> None:
                        help="split the CPU into N devices (to try mirrored/data_parallel without GPUs)")
     train.set_defaults(handler=run_train)
 
-    evaluate = subparsers.add_parser("evaluate", help="evaluate a trained run on held-out data")
+    evaluate = subparsers.add_parser(
+        "evaluate",
+        help="evaluate a trained run on held-out data (vqa and distillation: accuracy, macro P/R/F1; "
+        "retrieval: recall@1/5/10; captioning: BLEU-4)",
+    )
     evaluate.add_argument("--model", default="runs/vqa", help="run folder written by `kvlm train`")
     evaluate.add_argument("--data-dir", default=None, help="evaluate on this folder instead")
     evaluate.add_argument("--json", action="store_true", help="print metrics as JSON")
@@ -104,6 +163,18 @@ def register(subparsers) -> None:
 
 
 def run_train(args) -> int:
+    if args.task != "vqa" and args.strategy not in ("auto", "one_device"):
+        # Before Keras loads: the message names the problem, not a missing TF_CONFIG or GPU.
+        raise ValueError(
+            f"Strategy {args.strategy!r} is supported for the vqa task only; the {args.task} task trains on one "
+            "device. Use --strategy auto or one_device (or --task vqa)."
+        )
+    if args.task == "distillation":
+        given = [f"--{name.replace('_', '-')}" for name in TEACHER_DATA_OPTIONS if getattr(args, name) is not None]
+        if given:
+            raise ValueError(
+                f"The distillation task trains on its teacher run's data and sizes: drop {', '.join(given)}."
+            )
     if args.cpu_devices:
         # Before Keras (and so JAX) starts; TensorFlow is split below.
         flags = os.environ.get("XLA_FLAGS", "")
@@ -112,17 +183,29 @@ def run_train(args) -> int:
 
     from kvlm.training import NonFiniteLossError, TrainConfig, fit, make_distribution
     from kvlm.training.distribution import configure_cpu_devices
+    from kvlm.training.tasks import TASK_DEFAULTS, check_task, task_distribution
 
     if args.cpu_devices and keras.backend.backend() == "tensorflow":
         configure_cpu_devices(args.cpu_devices)
-    distribution = make_distribution(args.strategy, expert_axis_size=args.expert_axis_size)
+    sizes = {
+        name: default if getattr(args, name) is None else getattr(args, name)
+        for name, default in TASK_DEFAULTS[args.task].items()
+    }
+    overrides = {"moe": {"experts": args.moe_experts, "top_k": args.moe_top_k}} if args.moe_experts else {}
+    preset = args.preset
+    if args.task == "distillation":
+        preset, overrides = args.student_preset, {**overrides, "num_fusion_layers": args.student_fusion_layers}
     config = TrainConfig(
-        output=args.output, preset=args.preset, encoder=args.encoder, data_dir=args.data_dir,
-        train_size=args.train_size, eval_size=args.eval_size, epochs=args.epochs,
-        batch_size=args.batch_size, learning_rate=args.learning_rate, augment=args.augment, seed=args.seed,
-        overrides={"moe": {"experts": args.moe_experts, "top_k": args.moe_top_k}} if args.moe_experts else {},
-        datasets=args.datasets,
+        output=args.output or f"runs/{args.task}", preset=preset, encoder=args.encoder, data_dir=args.data_dir,
+        augment=args.augment, seed=args.seed, overrides=overrides,
+        datasets=args.datasets, task=args.task, loss=args.loss, teacher=args.teacher, alpha=args.alpha,
+        temperature=args.temperature, **sizes,
     )
+    if args.task == "vqa":
+        distribution = make_distribution(args.strategy, expert_axis_size=args.expert_axis_size)
+    else:
+        check_task(config)
+        distribution = task_distribution(args.task, args.strategy)
     try:
         summary = fit(
             config, strategy=distribution, checkpoint=True, backup_freq=args.backup_freq,
@@ -133,6 +216,10 @@ def run_train(args) -> int:
         return 1
     out = Path(summary["output"])
     metrics = summary["metrics"]
+    if args.task != "vqa":
+        _print_task_summary(summary, out)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return 0
     resumed = f" (resumed at step {summary['resumed_from_step']})" if summary["resumed_from_step"] else ""
     print(
         f"trained {summary['train_examples']} examples with strategy {summary['strategy']} "
@@ -150,9 +237,44 @@ def run_train(args) -> int:
     return 0
 
 
+def _print_task_summary(summary: dict, out: Path) -> None:
+    """One line on a finished retrieval, captioning or distillation run (and the distillation figures)."""
+    resumed = f" (resumed at step {summary['resumed_from_step']})" if summary["resumed_from_step"] else ""
+    loss = summary["metrics"]["loss"]
+    if summary["task"] == "retrieval":
+        recall = summary["recall"]
+        held_out = (
+            f"held-out loss {loss:.4f}, recall@1 image->text {recall['image_to_text']['recall@1']:.4f}, "
+            f"text->image {recall['text_to_image']['recall@1']:.4f}"
+        )
+    elif summary["task"] == "distillation":
+        held_out = (
+            f"held-out distillation loss {loss:.4f}, student accuracy {summary['metrics']['accuracy']:.4f}"
+        )
+    else:
+        held_out = f"held-out token loss {loss:.4f} (`kvlm evaluate --model {out}` for BLEU-4)"
+    print(
+        f"trained {summary['task']} on {summary['train_examples']} examples in {summary['train_seconds']:.0f}s"
+        f"{resumed}; {held_out} on {summary['eval_examples']} examples; saved to {out / 'model.keras'}; "
+        f"curves in {out / 'training_curves.png'}"
+    )
+    if summary["task"] == "distillation":
+        from kvlm.training.distillation import DISTILLATION_FILE, format_distillation
+
+        print(format_distillation(summary["distillation"]))
+        print(f"distillation: {out / DISTILLATION_FILE}")
+
+
 def run_evaluate(args) -> int:
     from kvlm.training import evaluate, format_report
 
     report = evaluate(args.model, data_dir=args.data_dir)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    elif "task" in report:
+        from kvlm.training.tasks import format_task_report
+
+        print(format_task_report(report))
+    else:
+        print(format_report(report))
     return 0

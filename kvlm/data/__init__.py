@@ -1,6 +1,6 @@
 """Datasets, tokenizer and the tf.data input pipeline."""
 
-from kvlm.data import shapes
+from kvlm.data import catalogue, shapes
 from kvlm.data.example import Example
 from kvlm.data.folder import AnnotationError, load_folder
 from kvlm.data.pipeline import (
@@ -8,6 +8,7 @@ from kvlm.data.pipeline import (
     caption_ids,
     encode_answers,
     make_caption_dataset,
+    make_context_dataset,
     make_dataset,
     make_pair_dataset,
     pack_captions,
@@ -21,6 +22,7 @@ __all__ = [
     "Example",
     "answer_vocabulary",
     "build_vocabulary",
+    "catalogue",
     "caption_ids",
     "decode_image",
     "encode_answers",
@@ -28,6 +30,7 @@ __all__ = [
     "load_vocabulary",
     "make_augmenter",
     "make_caption_dataset",
+    "make_context_dataset",
     "make_dataset",
     "make_pair_dataset",
     "make_tokenizer",

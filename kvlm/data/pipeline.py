@@ -236,3 +236,41 @@ def make_caption_dataset(
         examples, [e.caption for e in examples], None, to_batch,
         image_size, batch_size, shuffle, augment, seed, drop_remainder,
     )
+
+
+def make_context_dataset(
+    examples: Sequence[Example],
+    contexts,
+    tokenizer,
+    answers: Sequence[str],
+    image_size: int,
+    batch_size: int = 64,
+    shuffle: bool = False,
+    augment: bool = False,
+    seed: int = 0,
+) -> tf.data.Dataset:
+    """Builds `({"images", "token_ids", "context_ids"}, label)` batches for a retrieval-augmented model.
+
+    As `make_dataset`, plus each example's retrieved knowledge-base entries: `contexts` is an
+    int `(len(examples), top_k, context_length)` array of entry token ids (0 = padding),
+    e.g. the entries a `kvlm.models.KnowledgeIndex` returned for the example.
+    """
+    contexts = np.asarray(contexts)
+    if contexts.ndim != 3 or len(contexts) != len(examples):
+        raise ValueError(
+            f"`contexts` must have shape ({len(examples)}, top_k, context_length). Received shape {contexts.shape}"
+        )
+    top_k, length = contexts.shape[1:]
+    labels = encode_answers(examples, answers) if examples else None
+    # The label and the flattened contexts travel as one int32 row per example.
+    targets = None if labels is None else np.concatenate(
+        [labels.reshape(-1, 1).astype(np.int32), contexts.reshape(len(examples), -1).astype(np.int32)], axis=1
+    )
+
+    def to_batch(images, text, target):
+        context_ids = tf.reshape(target[:, 1:], (-1, top_k, length))
+        return {"images": images, "token_ids": tokenizer(text), "context_ids": context_ids}, target[:, 0]
+
+    return _image_text_batches(
+        examples, [e.question for e in examples], targets, to_batch, image_size, batch_size, shuffle, augment, seed,
+    )

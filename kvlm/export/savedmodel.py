@@ -65,7 +65,10 @@ def write_saved_model(
     model_name: str = "kvlm",
     platforms: Sequence[str] | None = None,
 ) -> Path:
-    """Writes `model` (a `VLMClassifier`) with preprocessing as a SavedModel at `path`.
+    """Writes `model` (a `VLMClassifier` or `RetrievalAugmentedVLM`) with preprocessing as a SavedModel at `path`.
+
+    A `RetrievalAugmentedVLM` carries its knowledge index in its variables, so the
+    SavedModel answers with retrieval and needs nothing else.
 
     A `DualEncoder` is written by `write_dual_encoder_saved_model` and a `Captioner` by
     `write_captioner_saved_model` (`answers` unused for both).
@@ -87,8 +90,8 @@ def write_saved_model(
     if isinstance(model, Captioner):
         return write_captioner_saved_model(model, tokenizer, path, model_name, platforms)
     backend = _check_backend()
-    if len(answers) != model.output.shape[-1]:
-        raise ValueError(f"{len(answers)} answers for a model with {model.output.shape[-1]} outputs.")
+    if len(answers) != model.num_classes:
+        raise ValueError(f"{len(answers)} answers for a model with {model.num_classes} outputs.")
     image_size = model.backbone.image_size
     sequence_length = model.backbone.sequence_length
     archive = keras.export.ExportArchive()

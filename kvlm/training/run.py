@@ -1,4 +1,9 @@
-"""Training and evaluation of the VQA classifier on a dataset, written to a run folder."""
+"""Training and evaluation of the VQA classifier on a dataset, written to a run folder.
+
+The retrieval and captioning tasks (`TrainConfig(task=...)`) live in `kvlm.training.tasks`,
+the distillation task in `kvlm.training.distillation`; `fit`, `load_run` and `evaluate` dispatch
+to them. A distillation run folder holds a `VLMClassifier` (the student) like a vqa one.
+"""
 
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from kvlm.data import (
 )
 from kvlm.experts import load_model
 from kvlm.models import VLMClassifier, get_preset
+from kvlm.models.distiller import DEFAULT_ALPHA, DEFAULT_TEMPERATURE
 from kvlm.training.callbacks import (
     BackupAndRestore,
     NaNGuard,
@@ -42,6 +48,8 @@ from kvlm.training.routing import moe_blocks, routing_report, save_routing_heatm
 MODEL_FILE = "model.keras"
 ANSWERS_FILE = "answers.txt"
 RUN_FILE = "run.json"
+# Tasks whose run folder holds a `VLMClassifier` and `answers.txt` (evaluated and exported as vqa).
+CLASSIFIER_TASKS = ("vqa", "distillation")
 
 
 @dataclass
@@ -65,6 +73,15 @@ class TrainConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     # Plugin datasets (`kvlm.experts.datasets()` names) to mix in equal shares instead of shapes.
     datasets: list[str] | None = None
+    # `vqa` (VLMClassifier), `retrieval` (DualEncoder), `captioning` (Captioner) or `distillation`
+    # (a dense VLMClassifier student of `teacher`); see kvlm.training.tasks and kvlm.training.distillation.
+    task: str = "vqa"
+    # retrieval: the DualEncoder's contrastive loss, `clip` or `siglip`.
+    loss: str = "clip"
+    # distillation: the teacher's vqa run folder, and the Distiller's task-loss weight and temperature.
+    teacher: str | None = None
+    alpha: float = DEFAULT_ALPHA
+    temperature: float = DEFAULT_TEMPERATURE
 
 
 def mix_datasets(
@@ -113,13 +130,15 @@ def mix_datasets(
 
 
 def load_examples(config: TrainConfig):
-    """Returns `(train, eval)` examples: the procedural set, plugin datasets mixed, or a user folder."""
-    image_size = get_preset(config.preset)["image_size"]
+    """Returns `(train, eval)` examples: the procedural set, plugin datasets mixed, or a user folder.
+
+    Generated examples are drawn at the model's image size (`overrides["image_size"]` over the preset's).
+    """
+    image_size = config.overrides.get("image_size", get_preset(config.preset)["image_size"])
     if config.datasets:
         if config.data_dir is not None:
             raise ValueError("Pass `data_dir` or `datasets`, not both.")
-        size = config.overrides.get("image_size", image_size)
-        return mix_datasets(config.datasets, config.train_size, config.eval_size, config.seed, size)
+        return mix_datasets(config.datasets, config.train_size, config.eval_size, config.seed, image_size)
     if config.data_dir is None:
         return (
             shapes.generate(config.train_size, seed=config.seed, image_size=image_size),
@@ -131,13 +150,18 @@ def load_examples(config: TrainConfig):
     return [examples[i] for i in order[cut:]], [examples[i] for i in order[:cut]]
 
 
-def compile_classifier(model: keras.Model, config: TrainConfig, steps: int) -> None:
-    """AdamW with linear warm-up and cosine decay, sparse categorical cross-entropy."""
+def make_optimizer(config: TrainConfig, steps: int) -> keras.optimizers.Optimizer:
+    """AdamW with linear warm-up (the first 5% of `steps`) and cosine decay to 0 at `steps`."""
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0, max(steps, 1), warmup_target=config.learning_rate, warmup_steps=max(steps // 20, 1)
     )
+    return keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
+
+
+def compile_classifier(model: keras.Model, config: TrainConfig, steps: int) -> None:
+    """AdamW with linear warm-up and cosine decay, sparse categorical cross-entropy."""
     model.compile(
-        optimizer=keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay),
+        optimizer=make_optimizer(config, steps),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )
@@ -208,8 +232,10 @@ def _build(config: TrainConfig, num_classes: int, vocabulary_size: int, steps: i
 
 
 def _write_run_files(out: Path, config: TrainConfig, vocabulary, answers) -> None:
+    """`vocabulary.txt`, `run.json` and (when `answers` is not None) `answers.txt`."""
     save_vocabulary(vocabulary, out)
-    (out / ANSWERS_FILE).write_text("\n".join(answers) + "\n", encoding="utf-8")
+    if answers is not None:
+        (out / ANSWERS_FILE).write_text("\n".join(answers) + "\n", encoding="utf-8")
     (out / RUN_FILE).write_text(json.dumps(asdict(config), indent=2), encoding="utf-8")
 
 
@@ -265,7 +291,18 @@ def fit(
     chief writes `config.output`, other workers `<output>/workers/<index>`.
 
     Returns a summary with the held-out metrics, history, steps and paths.
+
+    `config.task` `retrieval`, `captioning` or `distillation` trains a `DualEncoder`, a
+    `Captioner` or a dense student of `config.teacher` instead (`kvlm.training.tasks.fit_task`,
+    same arguments; one device only).
     """
+    if config.task != "vqa":
+        from kvlm.training.tasks import fit_task
+
+        return fit_task(
+            config, strategy, callbacks, verbose,
+            checkpoint=checkpoint, backup_freq=backup_freq, tensorboard=tensorboard,
+        )
     # The strategy comes first: MultiWorkerMirroredStrategy must precede any TF op.
     distribution = strategy if isinstance(strategy, Distribution) else make_distribution(strategy)
     out = _output_dir(config, distribution)
@@ -367,7 +404,12 @@ def train(config: TrainConfig, callbacks: list | None = None, verbose: int | str
     differently, so the two give different (equally valid) weights for one config.
 
     Returns a summary with the held-out metrics, training time and paths.
+    VQA only: train the other tasks with `fit`.
     """
+    if config.task != "vqa":
+        raise ValueError(
+            f"`train` trains the vqa task only; use `fit` for the {config.task!r} task. Received: task={config.task!r}"
+        )
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     train_examples, eval_examples, preset, vocabulary, answers, tokenizer = _prepare(config)
@@ -390,15 +432,21 @@ def train(config: TrainConfig, callbacks: list | None = None, verbose: int | str
 
 
 def load_run(run_dir: str | Path):
-    """Loads `(model, tokenizer, answers, config)` from a run folder."""
+    """Loads `(model, tokenizer, answers, config)` from a run folder of any task.
+
+    `model` is the task's model (`VLMClassifier` for vqa and distillation runs, `DualEncoder`
+    or `Captioner`); `answers` is the label set of a classifier run and `[]` for the other tasks.
+    """
     run_dir = Path(run_dir)
     if not (run_dir / MODEL_FILE).exists():
         raise FileNotFoundError(f"No {MODEL_FILE} in {run_dir}: train a model there first (`kvlm train`).")
     config = TrainConfig(**json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8")))
     model = load_model(run_dir / MODEL_FILE)  # registers plugin experts first
     vocabulary = load_vocabulary(run_dir)
-    answers = (run_dir / ANSWERS_FILE).read_text(encoding="utf-8").split()
-    tokenizer = make_tokenizer(vocabulary, model.backbone.sequence_length)
+    answers = (run_dir / ANSWERS_FILE).read_text(encoding="utf-8").split() if config.task in CLASSIFIER_TASKS else []
+    # The classifier keeps its sizes on its backbone; DualEncoder and Captioner on the model.
+    sequence_length = model.backbone.sequence_length if hasattr(model, "backbone") else model.sequence_length
+    tokenizer = make_tokenizer(vocabulary, sequence_length)
     return model, tokenizer, answers, config
 
 
@@ -407,6 +455,9 @@ def evaluate(run_dir: str | Path, data_dir: str | None = None, size: int | None 
 
     Returns `loss`, `accuracy`, `macro_precision`, `macro_recall`, `macro_f1`,
     `examples` and `per_domain` ({domain: the same metrics and its examples}).
+    Retrieval and captioning runs return `kvlm.training.tasks.evaluate_task`'s
+    report instead (recall@k, or BLEU-4 and example captions), marked by `task`; distillation
+    runs (a `VLMClassifier` student) are evaluated as vqa runs.
     """
     model, tokenizer, answers, config = load_run(run_dir)
     if data_dir is not None:
@@ -415,6 +466,10 @@ def evaluate(run_dir: str | Path, data_dir: str | None = None, size: int | None 
         if size is not None:
             config.eval_size = size
         _, examples = load_examples(config)
+    if config.task not in CLASSIFIER_TASKS:
+        from kvlm.training.tasks import evaluate_task
+
+        return evaluate_task(model, tokenizer, config, examples)
     data = make_dataset(examples, tokenizer, answers, model.backbone.image_size, 256)
     logits = np.asarray(model.predict(data, verbose=0), dtype=np.float64)
     labels = encode_answers(examples, answers)
