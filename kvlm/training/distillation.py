@@ -32,22 +32,12 @@ from kvlm.data import encode_answers, load_vocabulary, make_dataset
 from kvlm.models import VLMClassifier, get_preset
 from kvlm.models.distiller import Distiller
 from kvlm.models.flops import model_profile
-from kvlm.training.callbacks import (
-    BackupAndRestore,
-    NaNGuard,
-    StopAtStep,
-    TrainingCurves,
-    read_history_csv,
-    restored_step,
-)
+from kvlm.training.callbacks import restored_step
 from kvlm.training.distribution import Distribution
 from kvlm.training.run import (
     ANSWERS_FILE,
     BACKUP_DIR,
     CHECKPOINT_FILE,
-    CURVES_FILE,
-    HISTORY_FILE,
-    LOGS_DIR,
     MODEL_FILE,
     RUN_FILE,
     TrainConfig,
@@ -57,6 +47,7 @@ from kvlm.training.run import (
     load_examples,
     load_run,
     make_optimizer,
+    run_callback_list,
     training_stream,
 )
 
@@ -226,24 +217,11 @@ def fit_distillation(
     done = restored_step(model, backup_dir) if backup_freq is not None else 0
     _write_run_files(out, config, vocabulary, answers)
 
-    guard = NaNGuard(
-        out / CHECKPOINT_FILE if checkpoint else None,
-        check_weights_every=backup_freq if isinstance(backup_freq, int) else None,
+    run_callbacks = run_callback_list(
+        out, callbacks, done=done, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+        checkpoint=checkpoint, backup_freq=backup_freq, tensorboard=tensorboard,
+        model_checkpoint=_StudentCheckpoint(out / CHECKPOINT_FILE) if checkpoint else None,
     )
-    run_callbacks = [guard, *(callbacks or [])]
-    if checkpoint:
-        if not done:
-            (out / HISTORY_FILE).unlink(missing_ok=True)
-        run_callbacks += [
-            _StudentCheckpoint(out / CHECKPOINT_FILE),
-            keras.callbacks.CSVLogger(str(out / HISTORY_FILE), append=True),
-            TrainingCurves(out / CURVES_FILE, read_history_csv(out / HISTORY_FILE)),
-        ]
-    if tensorboard:
-        run_callbacks.append(keras.callbacks.TensorBoard(str(out / LOGS_DIR)))
-    if backup_freq is not None:
-        run_callbacks.append(BackupAndRestore(str(backup_dir), save_freq=backup_freq, steps_per_epoch=steps_per_epoch))
-    run_callbacks.append(StopAtStep(total_steps))
 
     stream = training_stream(
         train_examples, tokenizer, answers, image_size, config.batch_size, config.seed,

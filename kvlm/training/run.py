@@ -251,6 +251,47 @@ def _summary(history, metrics, seconds, train_examples, eval_examples, answers, 
     }
 
 
+def run_callback_list(
+    out: Path,
+    callbacks: list | None,
+    *,
+    done: int,
+    steps_per_epoch: int,
+    total_steps: int,
+    checkpoint: bool,
+    backup_freq: int | str | None,
+    tensorboard: bool,
+    model_checkpoint: keras.callbacks.Callback | None = None,
+) -> list:
+    """The callbacks of a run: NaN guard, `callbacks`, checkpoint / CSV history / curves,
+    TensorBoard, backups into `<out>/backup` and the stop at `total_steps`.
+
+    `model_checkpoint` replaces the default `ModelCheckpoint(<out>/checkpoint.keras)`;
+    `done` is the step a restored backup resumes from (0: a fresh history).
+    """
+    guard = NaNGuard(
+        out / CHECKPOINT_FILE if checkpoint else None,
+        check_weights_every=backup_freq if isinstance(backup_freq, int) else None,
+    )
+    run_callbacks = [guard, *(callbacks or [])]
+    if checkpoint:
+        if not done:
+            (out / HISTORY_FILE).unlink(missing_ok=True)
+        run_callbacks += [
+            model_checkpoint or keras.callbacks.ModelCheckpoint(out / CHECKPOINT_FILE),
+            keras.callbacks.CSVLogger(str(out / HISTORY_FILE), append=True),
+            TrainingCurves(out / CURVES_FILE, read_history_csv(out / HISTORY_FILE)),
+        ]
+    if tensorboard:
+        run_callbacks.append(keras.callbacks.TensorBoard(str(out / LOGS_DIR)))
+    if backup_freq is not None:
+        run_callbacks.append(
+            BackupAndRestore(str(out / BACKUP_DIR), save_freq=backup_freq, steps_per_epoch=steps_per_epoch)
+        )
+    run_callbacks.append(StopAtStep(total_steps))
+    return run_callbacks
+
+
 def _output_dir(config: TrainConfig, distribution: Distribution) -> Path:
     out = Path(config.output)
     return out if distribution.is_chief else out / "workers" / str(distribution.worker_index)
@@ -344,24 +385,10 @@ def fit(
     done = restored_step(model, backup_dir) if backup_freq is not None else 0
     _write_run_files(out, config, vocabulary, answers)
 
-    guard = NaNGuard(
-        out / CHECKPOINT_FILE if checkpoint else None,
-        check_weights_every=backup_freq if isinstance(backup_freq, int) else None,
+    run_callbacks = run_callback_list(
+        out, callbacks, done=done, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+        checkpoint=checkpoint, backup_freq=backup_freq, tensorboard=tensorboard,
     )
-    run_callbacks = [guard, *(callbacks or [])]
-    if checkpoint:
-        if not done:
-            (out / HISTORY_FILE).unlink(missing_ok=True)
-        run_callbacks += [
-            keras.callbacks.ModelCheckpoint(out / CHECKPOINT_FILE),
-            keras.callbacks.CSVLogger(str(out / HISTORY_FILE), append=True),
-            TrainingCurves(out / CURVES_FILE, read_history_csv(out / HISTORY_FILE)),
-        ]
-    if tensorboard:
-        run_callbacks.append(keras.callbacks.TensorBoard(str(out / LOGS_DIR)))
-    if backup_freq is not None:
-        run_callbacks.append(BackupAndRestore(str(backup_dir), save_freq=backup_freq, steps_per_epoch=steps_per_epoch))
-    run_callbacks.append(StopAtStep(total_steps))
 
     # One endless stream of batches (a pass per epoch), positioned where the backup stopped.
     # JAX shards every batch: keep full, evenly split batches only.

@@ -32,21 +32,10 @@ import tensorflow as tf
 from kvlm.data import make_caption_dataset, make_pair_dataset
 from kvlm.models import Captioner, DualEncoder
 from kvlm.models.contrastive import LOSSES
-from kvlm.training.callbacks import (
-    BackupAndRestore,
-    NaNGuard,
-    StopAtStep,
-    TrainingCurves,
-    read_history_csv,
-    restored_step,
-)
+from kvlm.training.callbacks import restored_step
 from kvlm.training.distribution import Distribution, make_distribution
 from kvlm.training.run import (
     BACKUP_DIR,
-    CHECKPOINT_FILE,
-    CURVES_FILE,
-    HISTORY_FILE,
-    LOGS_DIR,
     MODEL_FILE,
     RUN_FILE,
     TrainConfig,
@@ -55,6 +44,7 @@ from kvlm.training.run import (
     _summary,
     _write_run_files,
     make_optimizer,
+    run_callback_list,
 )
 
 TASKS = ("vqa", "retrieval", "captioning", "distillation")
@@ -234,24 +224,10 @@ def fit_task(
     done = restored_step(model, backup_dir) if backup_freq is not None else 0
     _write_run_files(out, config, vocabulary, None)
 
-    guard = NaNGuard(
-        out / CHECKPOINT_FILE if checkpoint else None,
-        check_weights_every=backup_freq if isinstance(backup_freq, int) else None,
+    run_callbacks = run_callback_list(
+        out, callbacks, done=done, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+        checkpoint=checkpoint, backup_freq=backup_freq, tensorboard=tensorboard,
     )
-    run_callbacks = [guard, *(callbacks or [])]
-    if checkpoint:
-        if not done:
-            (out / HISTORY_FILE).unlink(missing_ok=True)
-        run_callbacks += [
-            keras.callbacks.ModelCheckpoint(out / CHECKPOINT_FILE),
-            keras.callbacks.CSVLogger(str(out / HISTORY_FILE), append=True),
-            TrainingCurves(out / CURVES_FILE, read_history_csv(out / HISTORY_FILE)),
-        ]
-    if tensorboard:
-        run_callbacks.append(keras.callbacks.TensorBoard(str(out / LOGS_DIR)))
-    if backup_freq is not None:
-        run_callbacks.append(BackupAndRestore(str(backup_dir), save_freq=backup_freq, steps_per_epoch=steps_per_epoch))
-    run_callbacks.append(StopAtStep(total_steps))
 
     stream = _stream(
         lambda seed: task_dataset(
