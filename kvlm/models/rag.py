@@ -14,6 +14,25 @@ from kvlm.models.backbone import VLMBackbone
 from kvlm.models.knowledge import QUERY_MODES, KnowledgeIndex
 
 
+def top_k(scores, k: int):
+    """`(values, indices)` of the `k` largest scores along the last axis, largest first.
+
+    `keras.ops.top_k`, except on JAX: `jax.lax.top_k` lowers to a StableHLO composite
+    that TensorFlow 2.20's `XlaCallModule` cannot load, so an exported model could not be
+    served. There, `k` rounds of argmax (each masking its winner) give the same result.
+    """
+    if keras.backend.backend() != "jax":
+        return ops.top_k(scores, k)
+    values, indices = [], []
+    for _ in range(k):
+        best = ops.argmax(scores, axis=-1)
+        values.append(ops.max(scores, axis=-1))
+        indices.append(best)
+        winner = ops.one_hot(best, ops.shape(scores)[-1], dtype="bool")
+        scores = ops.where(winner, ops.cast(float("-inf"), scores.dtype), scores)
+    return ops.stack(values, axis=-1), ops.cast(ops.stack(indices, axis=-1), "int32")
+
+
 @keras.saving.register_keras_serializable(package="kvlm")
 class RetrievalReader(keras.Model):
     """Image + question + retrieved entries -> answer logits.
@@ -229,7 +248,7 @@ class RetrievalAugmentedVLM(keras.Model):
             query = embeddings["image_embedding"] + embeddings["text_embedding"]
             query = query / ops.maximum(ops.norm(query, axis=-1, keepdims=True), 1e-12)
         scores = ops.matmul(ops.cast(query, "float32"), ops.transpose(self.index_embeddings))
-        return ops.top_k(scores, self.reader.top_k)
+        return top_k(scores, self.reader.top_k)
 
     def call(self, inputs, training=None):
         images, token_ids = inputs["images"], inputs["token_ids"]

@@ -217,9 +217,31 @@ def test_reader_learns_answers_from_unseen_catalogues(vocabulary, tokenizer):
     assert wrong_accuracy < chance + 0.15, (wrong_accuracy, chance)
 
 
-@pytest.mark.tensorflow_only
+# Loads a SavedModel where kvlm, Keras, keras-hub, JAX and PyTorch cannot be imported, as a
+# TF Serving process would, and answers the requests in argv[2] (JSON).
+SERVE_IN_FRESH_PROCESS = r"""
+import importlib.util, json, pathlib, sys
+for name in ("kvlm", "keras", "keras_hub", "jax", "torch"):
+    sys.modules[name] = None
+import tensorflow as tf
+text = pathlib.Path(importlib.util.find_spec("tensorflow_text").submodule_search_locations[0])
+for library in sorted((text / "python").glob("*/_*.so")):
+    tf.load_op_library(str(library))
+requests = json.load(open(sys.argv[2]))
+serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+outputs = serve(image_bytes=tf.constant([bytes.fromhex(h) for h in requests["images"]]), text=tf.constant(requests["texts"]))
+names = sorted({v.name.split(":")[0].split("/")[-1] for v in tf.saved_model.load(sys.argv[1]).variables})
+print(json.dumps({"scores": outputs["scores"].numpy().tolist(), "answers": [a.decode() for a in outputs["answer"].numpy()],
+                  "variables": names}))
+"""
+
+
+@pytest.mark.skipif(keras.backend.backend() == "torch", reason="SavedModel export needs TensorFlow or JAX")
 def test_exported_model_answers_from_its_own_index(tmp_path, vocabulary, tokenizer):
-    import tensorflow as tf
+    """The SavedModel carries the index: a TensorFlow-only process answers as the Keras model."""
+    import json
+    import subprocess
+    import sys
 
     from kvlm.export.savedmodel import write_saved_model
 
@@ -227,19 +249,33 @@ def test_exported_model_answers_from_its_own_index(tmp_path, vocabulary, tokeniz
     index = build_index(retriever, tokenizer, catalogue.catalogue(2), keys=catalogue.keys())
     model = RetrievalAugmentedVLM.from_index(reader, retriever, index, tokenizer)
     examples = catalogue.generate(6, seed=4, catalogue_seeds=[2])
-    expected = model.predict(_inputs(examples, tokenizer), verbose=0)
+    expected = keras.ops.convert_to_numpy(keras.ops.softmax(model.predict(_inputs(examples, tokenizer), verbose=0)))
     path = write_saved_model(model, tokenizer, ANSWERS, tmp_path / "1")
-    # Another index in the Python model afterwards does not reach the SavedModel.
+    # Another index in the Keras model afterwards does not reach the SavedModel.
     model.set_index(build_index(retriever, tokenizer, catalogue.catalogue(3), keys=catalogue.keys()), tokenizer)
 
-    loaded = tf.saved_model.load(str(path))
-    outputs = loaded.signatures["serving_default"](
-        image_bytes=tf.constant([png_bytes(e) for e in examples]), text=tf.constant([e.question for e in examples])
+    requests = tmp_path / "requests.json"
+    requests.write_text(json.dumps({"images": [png_bytes(e).hex() for e in examples], "texts": [e.question for e in examples]}))
+    script = tmp_path / "serve.py"
+    script.write_text(SERVE_IN_FRESH_PROCESS)
+    process = subprocess.run(
+        [sys.executable, str(script), str(path), str(requests)], capture_output=True, text=True, timeout=300
     )
-    np.testing.assert_allclose(outputs["scores"].numpy(), keras.ops.softmax(expected).numpy(), atol=1e-4)
-    assert [a.decode() for a in outputs["answer"].numpy()] == [ANSWERS[i] for i in expected.argmax(-1)]
-    names = {v.name.split(":")[0].split("/")[-1] for v in loaded.variables}
-    assert {"index_embeddings", "index_token_ids"} <= names
+    assert process.returncode == 0, process.stderr[-3000:]
+    served = json.loads(process.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(served["scores"], expected, atol=1e-4)
+    assert served["answers"] == [ANSWERS[i] for i in expected.argmax(-1)]
+    assert {"index_embeddings", "index_token_ids"} <= set(served["variables"])
+
+
+def test_top_k_matches_a_full_sort_on_every_backend():
+    from kvlm.models.rag import top_k
+
+    scores = np.random.default_rng(0).normal(size=(4, 50)).astype("float32")
+    values, ids = top_k(keras.ops.convert_to_tensor(scores), 5)
+    expected = np.argsort(-scores, axis=1)[:, :5]
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(ids), expected)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(values), np.take_along_axis(scores, expected, 1))
 
 
 # -- the command line ---------------------------------------------------------------------
