@@ -44,19 +44,23 @@ from kvlm.data import (  # noqa: E402
     catalogue,
     make_context_dataset,
     make_dataset,
-    make_pair_dataset,
     make_tokenizer,
     png_bytes,
 )
 from kvlm.export import write_saved_model  # noqa: E402
 from kvlm.models import (  # noqa: E402
-    DualEncoder,
     KnowledgeIndex,
     RetrievalAugmentedVLM,
     RetrievalReader,
     VLMClassifier,
     build_index,
-    query_embeddings,
+)
+from kvlm.training.rag import (  # noqa: E402
+    images_of,
+    product_index,
+    retrieve_products,
+    store_contexts,
+    train_retriever,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -81,22 +85,9 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def images_of(examples) -> np.ndarray:
-    return np.stack([e.image for e in examples]).astype(np.float32) / 255.0
-
-
 def accuracy(logits, examples) -> float:
     predicted = np.asarray(logits).argmax(-1)
     return float(np.mean([catalogue.ANSWERS[p] == e.answer for p, e in zip(predicted, examples)]))
-
-
-def train_retriever(args, train, tokenizer, vocabulary_size):
-    model = DualEncoder.from_preset("kvlm_tiny", vocabulary_size=vocabulary_size, encoder=args.encoder, loss="clip")
-    model.compile(optimizer=keras.optimizers.Adam(args.learning_rate))
-    data = make_pair_dataset(train, tokenizer, model.image_size, args.batch_size, shuffle=True, seed=args.seed)
-    start = time.perf_counter()
-    model.fit(data, epochs=args.retriever_epochs, verbose=0, shuffle=False)
-    return model, time.perf_counter() - start
 
 
 def compile_classifier(model, args, steps):
@@ -151,11 +142,15 @@ def run(args):
     context_tokenizer = make_tokenizer(vocabulary, 16)
     answers = list(catalogue.ANSWERS)
 
-    # 1. The retriever and the product-name index.
-    retriever, retriever_seconds = train_retriever(args, train, tokenizer, len(vocabulary))
-    names = build_index(retriever, tokenizer, catalogue.keys())
-    held_out_images = images_of(held_out)
-    _, ranked = names.search(query_embeddings(retriever, images=held_out_images), args.top_k)
+    # 1. The retriever and the product-name index (kvlm.training.rag, as `kvlm train --task rag`).
+    start = time.perf_counter()
+    retriever = train_retriever(
+        train, tokenizer, len(vocabulary), preset="kvlm_tiny", encoder=args.encoder, learning_rate=args.learning_rate,
+        batch_size=args.batch_size, epochs=args.retriever_epochs, seed=args.seed,
+    )
+    retriever_seconds = time.perf_counter() - start
+    names = product_index(retriever, tokenizer)
+    ranked = retrieve_products(retriever, names, held_out, args.top_k)
     truth = np.array([e.extra["product"] for e in held_out])
     retrieval = {
         "recall_at_1": round(float(np.mean(ranked[:, 0] == truth)), 4),
@@ -165,8 +160,7 @@ def run(args):
     print(json.dumps({"retriever": retrieval}), flush=True)
 
     def contexts(examples):
-        _, ids = names.search(query_embeddings(retriever, images=images_of(examples)), args.top_k)
-        return catalogue.retrieved_contexts(examples, ids, context_tokenizer)
+        return store_contexts(retriever, names, examples, args.top_k, context_tokenizer)
 
     # 2. The reader with retrieval, and the same-size classifier without.
     steps = args.epochs * -(-len(train) // args.batch_size)

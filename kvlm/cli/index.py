@@ -1,4 +1,4 @@
-"""`kvlm index build|query`: a knowledge base embedded by a retrieval run's dual encoder."""
+"""`kvlm index build|query|attach`: a knowledge base embedded by a dual encoder, put into a rag model."""
 
 from __future__ import annotations
 
@@ -11,16 +11,18 @@ def register(subparsers) -> None:
     """Adds the `index` command group."""
     parser = subparsers.add_parser(
         "index",
-        help="retrieval augmentation: build a knowledge-base index with a dual encoder, query it",
+        help="retrieval augmentation: build a knowledge-base index with a dual encoder, query it, "
+        "attach it to a rag run",
     )
     commands = parser.add_subparsers(dest="index_command", metavar="SUBCOMMAND", required=True)
 
     build = commands.add_parser(
         "build",
-        help="embed knowledge-base entries with a retrieval run's dual encoder",
+        help="embed knowledge-base entries with a retrieval run's dual encoder (or a rag run's retriever)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    build.add_argument("--model", default="runs/retrieval", help="run folder of `kvlm train --task retrieval`")
+    build.add_argument("--model", default="runs/retrieval",
+                       help="run folder of `kvlm train --task retrieval` or `--task rag` (its retriever)")
     source = build.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--entries",
@@ -43,6 +45,16 @@ def register(subparsers) -> None:
     query.add_argument("-k", "--top-k", type=int, default=5, help="entries to print")
     query.add_argument("--json", action="store_true", help="print JSON instead of a table")
     query.set_defaults(handler=run_query)
+
+    attach = commands.add_parser(
+        "attach",
+        help="copy a rag run with another index in its model (e.g. another store's catalogue), without retraining",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    attach.add_argument("--model", required=True, help="run folder of `kvlm train --task rag`")
+    attach.add_argument("--index", required=True, help="index folder built with that run (`kvlm index build --model RUN`)")
+    attach.add_argument("--output", required=True, help="new run folder (must not exist or be empty)")
+    attach.set_defaults(handler=run_attach)
 
 
 def read_entries(path: str | Path) -> list[dict]:
@@ -75,12 +87,18 @@ def read_entries(path: str | Path) -> list[dict]:
 
 
 def _load_dual_encoder(run_dir):
-    from kvlm.models import DualEncoder
+    """The dual encoder of a retrieval run, or the retriever of a rag run, and the run's tokenizer."""
+    from kvlm.models import DualEncoder, RetrievalAugmentedVLM
     from kvlm.training.run import load_run
 
     model, tokenizer, _, _ = load_run(run_dir)
+    if isinstance(model, RetrievalAugmentedVLM):
+        return model.retriever, tokenizer
     if not isinstance(model, DualEncoder):
-        raise ValueError(f"{run_dir} holds a {type(model).__name__}; an index needs a `kvlm train --task retrieval` run.")
+        raise ValueError(
+            f"{run_dir} holds a {type(model).__name__}; an index needs a `kvlm train --task retrieval` "
+            "or `kvlm train --task rag` run."
+        )
     return model, tokenizer
 
 
@@ -104,6 +122,7 @@ def _read_images(paths, image_size: int):
 
 def run_build(args) -> int:
     from kvlm.models import build_index
+    from kvlm.training.rag import retriever_fingerprint
 
     model, tokenizer = _load_dual_encoder(args.model)
     if args.catalogue is not None:
@@ -120,6 +139,10 @@ def run_build(args) -> int:
         images = _read_images([e["image"] for e in entries], model.image_size) if with_image else None
     index = build_index(model, tokenizer, texts, keys=keys, key_images=images)
     index.metadata = {"model": str(Path(args.model).resolve()), "embedding": "image" if images is not None else "text"}
+    if args.catalogue is not None:
+        index.metadata["catalogue"] = args.catalogue
+    # `kvlm index attach` checks that a rag run's retriever embedded the index.
+    index.metadata["retriever"] = retriever_fingerprint(model)
     path = index.save(args.output)
     print(f"indexed {len(index)} entries ({index.embedding_dim}-d {index.metadata['embedding']} keys) in {path}")
     return 0
@@ -148,4 +171,16 @@ def run_query(args) -> int:
     else:
         for r in results:
             print(f"{r['rank']:>3}  {r['score']:+.4f}  {r['text']}")
+    return 0
+
+
+def run_attach(args) -> int:
+    from kvlm.training.rag import attach_index
+
+    result = attach_index(args.model, args.index, args.output)
+    source = f"the catalogue of store {result['index_store']}" if result["index_store"] is not None else "its entries"
+    print(
+        f"attached {result['entries']} entries ({source}) from {args.index} to the model of {args.model}; "
+        f"new run folder {result['output']} (`kvlm evaluate` / `kvlm export --model {result['output']}`)"
+    )
     return 0

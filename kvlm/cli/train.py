@@ -11,16 +11,19 @@ from pathlib import Path
 # Kept in sync with kvlm.training.distribution.ALL_STRATEGIES (not imported: it loads Keras).
 STRATEGY_CHOICES = ("auto", "one_device", "mirrored", "multi_worker", "data_parallel", "expert_parallel")
 # Kept in sync with kvlm.training.tasks.TASKS, TASK_HELP and TASK_DEFAULTS (not imported: it loads Keras).
-TASK_CHOICES = ("vqa", "retrieval", "captioning", "distillation")
+TASK_CHOICES = ("vqa", "retrieval", "captioning", "distillation", "rag")
 TASK_HELP = (
     "vqa: image+question -> answer; retrieval: CLIP/SigLIP dual encoder; captioning: image -> caption; "
-    "distillation: a small dense student from a trained VQA teacher (--teacher)"
+    "distillation: a small dense student from a trained VQA teacher (--teacher); "
+    "rag: answers from a knowledge base (product catalogues) by retrieval"
 )
 # Kept in sync with kvlm.models.distiller.DEFAULT_ALPHA and DEFAULT_TEMPERATURE.
 DEFAULT_ALPHA = 0.1
 DEFAULT_TEMPERATURE = 3.0
 # Options that describe the data: a distillation run takes them from its teacher run.
 TEACHER_DATA_OPTIONS = ("data_dir", "datasets", "train_size", "eval_size")
+# Options the rag task cannot take: it trains on the product-catalogue task.
+RAG_REFUSED_OPTIONS = ("data_dir", "datasets")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -87,7 +90,8 @@ def register(subparsers) -> None:
     """Adds the `train` and `evaluate` commands."""
     train = subparsers.add_parser(
         "train",
-        help="train a VQA classifier, a retrieval dual encoder, a captioner or a distilled VQA student (--task "
+        help="train a VQA classifier, a retrieval dual encoder, a captioner, a distilled VQA student or a "
+        "retrieval-augmented model on product catalogues (--task "
         f"{'|'.join(TASK_CHOICES)}; procedural shapes data or a folder with annotations.jsonl)",
         formatter_class=_HelpFormatter,
     )
@@ -107,6 +111,15 @@ def register(subparsers) -> None:
                        help="distillation: weight of the label cross-entropy; the soft-target KL gets 1 - alpha")
     train.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
                        help="distillation: softmax temperature of the soft targets")
+    train.add_argument("--top-k", type=_positive_int, default=3,
+                       help="rag: catalogue entries the reader reads per answer")
+    train.add_argument("--train-catalogues", type=_positive_int, default=500,
+                       help="rag: stores (catalogue seeds 0..N-1) the training examples come from")
+    train.add_argument("--retriever-epochs", type=_positive_int, default=3,
+                       help="rag: training epochs of the CLIP retriever (before the reader's --epochs)")
+    train.add_argument("--index-store", type=int, default=10000,
+                       help="rag: the store whose catalogue goes into the saved model's index "
+                       "(10000-10049 are the held-out stores)")
     train.add_argument("--output", default=None, help="run folder for model, vocabulary and logs (default per task: runs/TASK)")
     train.add_argument("--preset", default="kvlm_tiny", choices=["kvlm_tiny", "kvlm_small", "kvlm_base"],
                        help="model preset (distillation: see --student-preset)")
@@ -118,22 +131,22 @@ def register(subparsers) -> None:
         "medical_scans,legal_documents,retail_shelves (see `kvlm experts list`)",
     )
     train.add_argument("--train-size", type=int, default=None,
-                       help="procedural training examples (default per task: vqa 24000, retrieval 4096, captioning 3072; distillation: the teacher's)")
+                       help="procedural training examples (default per task: vqa 24000, retrieval 4096, captioning 3072, rag 12000; distillation: the teacher's)")
     train.add_argument("--eval-size", type=int, default=None,
-                       help="procedural held-out examples (default per task: vqa 2000, retrieval and captioning 512; distillation: the teacher's)")
+                       help="procedural held-out examples (default per task: vqa 2000, retrieval and captioning 512, rag 1000; distillation: the teacher's)")
     train.add_argument("--epochs", type=int, default=None,
-                       help="training epochs (default per task: vqa and distillation 8, retrieval 10, captioning 4)")
+                       help="training epochs (default per task: vqa, distillation and rag 8, retrieval 10, captioning 4)")
     train.add_argument("--batch-size", type=int, default=None,
-                       help="global batch, split over replicas (default per task: vqa, retrieval and distillation 64, captioning 32)")
+                       help="global batch, split over replicas (default per task: vqa, retrieval, distillation and rag 64, captioning 32)")
     train.add_argument("--learning-rate", type=float, default=None,
-                       help="peak AdamW learning rate (default per task: vqa, captioning and distillation 2e-3, retrieval 1e-3)")
+                       help="peak AdamW learning rate (default per task: vqa, captioning and distillation 2e-3, retrieval and rag 1e-3)")
     train.add_argument("--augment", action="store_true", help="tf-models-official RandAugment")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument(
         "--strategy", default="auto", choices=STRATEGY_CHOICES,
         help="tensorflow: one_device|mirrored|multi_worker (cluster from TF_CONFIG); "
         "jax: data_parallel|expert_parallel (processes from KERAS_DISTRIBUTION_*); auto picks from the environment. "
-        "The retrieval, captioning and distillation tasks train on one device: auto or one_device",
+        "The retrieval, captioning, distillation and rag tasks train on one device: auto or one_device",
     )
     train.add_argument("--moe-experts", type=_moe_experts, default=None,
                        help="put a SparseMoE in every other fusion block (captioning: after every decoder layer; "
@@ -154,6 +167,7 @@ def register(subparsers) -> None:
     evaluate = subparsers.add_parser(
         "evaluate",
         help="evaluate a trained run on held-out data (vqa and distillation: accuracy, macro P/R/F1; "
+        "rag: the same, with in-graph retrieval, on fresh examples of the store in its index; "
         "retrieval: recall@1/5/10; captioning: BLEU-4)",
     )
     evaluate.add_argument("--model", default="runs/vqa", help="run folder written by `kvlm train`")
@@ -174,6 +188,13 @@ def run_train(args) -> int:
         if given:
             raise ValueError(
                 f"The distillation task trains on its teacher run's data and sizes: drop {', '.join(given)}."
+            )
+    if args.task == "rag":
+        given = [f"--{name.replace('_', '-')}" for name in RAG_REFUSED_OPTIONS if getattr(args, name) is not None]
+        if given:
+            raise ValueError(
+                "The rag task trains on the product-catalogue task (kvlm.data.catalogue), not on other data: "
+                f"drop {' and '.join(given)}."
             )
     if args.cpu_devices:
         # Before Keras (and so JAX) starts; TensorFlow is split below.
@@ -199,7 +220,8 @@ def run_train(args) -> int:
         output=args.output or f"runs/{args.task}", preset=preset, encoder=args.encoder, data_dir=args.data_dir,
         augment=args.augment, seed=args.seed, overrides=overrides,
         datasets=args.datasets, task=args.task, loss=args.loss, teacher=args.teacher, alpha=args.alpha,
-        temperature=args.temperature, **sizes,
+        temperature=args.temperature, top_k=args.top_k, train_catalogues=args.train_catalogues,
+        retriever_epochs=args.retriever_epochs, index_store=args.index_store, **sizes,
     )
     if args.task == "vqa":
         distribution = make_distribution(args.strategy, expert_axis_size=args.expert_axis_size)
@@ -238,7 +260,7 @@ def run_train(args) -> int:
 
 
 def _print_task_summary(summary: dict, out: Path) -> None:
-    """One line on a finished retrieval, captioning or distillation run (and the distillation figures)."""
+    """One line on a finished retrieval, captioning, distillation or rag run (and the distillation or rag figures)."""
     resumed = f" (resumed at step {summary['resumed_from_step']})" if summary["resumed_from_step"] else ""
     loss = summary["metrics"]["loss"]
     if summary["task"] == "retrieval":
@@ -247,6 +269,8 @@ def _print_task_summary(summary: dict, out: Path) -> None:
             f"held-out loss {loss:.4f}, recall@1 image->text {recall['image_to_text']['recall@1']:.4f}, "
             f"text->image {recall['text_to_image']['recall@1']:.4f}"
         )
+    elif summary["task"] == "rag":
+        held_out = f"held-out loss {loss:.4f}, accuracy {summary['metrics']['accuracy']:.4f} (unseen stores)"
     elif summary["task"] == "distillation":
         held_out = (
             f"held-out distillation loss {loss:.4f}, student accuracy {summary['metrics']['accuracy']:.4f}"
@@ -263,6 +287,11 @@ def _print_task_summary(summary: dict, out: Path) -> None:
 
         print(format_distillation(summary["distillation"]))
         print(f"distillation: {out / DISTILLATION_FILE}")
+    if summary["task"] == "rag":
+        from kvlm.training.rag import INDEX_DIR, RAG_FILE, format_rag
+
+        print(format_rag(summary["rag"]))
+        print(f"rag: {out / RAG_FILE}, index {out / INDEX_DIR}")
 
 
 def run_evaluate(args) -> int:
@@ -276,5 +305,7 @@ def run_evaluate(args) -> int:
 
         print(format_task_report(report))
     else:
+        if report.get("index_store") is not None:
+            print(f"in-graph retrieval from the catalogue of store {report['index_store']} in the model's index")
         print(format_report(report))
     return 0

@@ -1,8 +1,9 @@
 """Training and evaluation of the VQA classifier on a dataset, written to a run folder.
 
 The retrieval and captioning tasks (`TrainConfig(task=...)`) live in `kvlm.training.tasks`,
-the distillation task in `kvlm.training.distillation`; `fit`, `load_run` and `evaluate` dispatch
-to them. A distillation run folder holds a `VLMClassifier` (the student) like a vqa one.
+the distillation task in `kvlm.training.distillation`, the rag task in `kvlm.training.rag`;
+`fit`, `load_run` and `evaluate` dispatch to them. A distillation run folder holds a
+`VLMClassifier` (the student) like a vqa one, a rag run a `RetrievalAugmentedVLM` over `answers.txt`.
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ from kvlm.training.routing import moe_blocks, routing_report, save_routing_heatm
 MODEL_FILE = "model.keras"
 ANSWERS_FILE = "answers.txt"
 RUN_FILE = "run.json"
-# Tasks whose run folder holds a `VLMClassifier` and `answers.txt` (evaluated and exported as vqa).
-CLASSIFIER_TASKS = ("vqa", "distillation")
+# Tasks whose run folder holds a classifier over `answers.txt` (evaluated and exported as vqa): a
+# `VLMClassifier`, or the `RetrievalAugmentedVLM` of a rag run (answering with in-graph retrieval).
+CLASSIFIER_TASKS = ("vqa", "distillation", "rag")
 
 
 @dataclass
@@ -73,8 +75,9 @@ class TrainConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     # Plugin datasets (`kvlm.experts.datasets()` names) to mix in equal shares instead of shapes.
     datasets: list[str] | None = None
-    # `vqa` (VLMClassifier), `retrieval` (DualEncoder), `captioning` (Captioner) or `distillation`
-    # (a dense VLMClassifier student of `teacher`); see kvlm.training.tasks and kvlm.training.distillation.
+    # `vqa` (VLMClassifier), `retrieval` (DualEncoder), `captioning` (Captioner), `distillation`
+    # (a dense VLMClassifier student of `teacher`) or `rag` (RetrievalAugmentedVLM on product
+    # catalogues); see kvlm.training.tasks, kvlm.training.distillation and kvlm.training.rag.
     task: str = "vqa"
     # retrieval: the DualEncoder's contrastive loss, `clip` or `siglip`.
     loss: str = "clip"
@@ -82,6 +85,14 @@ class TrainConfig:
     teacher: str | None = None
     alpha: float = DEFAULT_ALPHA
     temperature: float = DEFAULT_TEMPERATURE
+    # rag: entries read per answer, training stores (seeds 0..N-1), the retriever's epochs, the
+    # store whose catalogue is in the saved model's index (None: an attached index that is not a
+    # product catalogue) and the index folder attached by `kvlm index attach` (None: built in training).
+    top_k: int = 3
+    train_catalogues: int = 500
+    retriever_epochs: int = 3
+    index_store: int | None = 10_000
+    index_dir: str | None = None
 
 
 def mix_datasets(
@@ -333,9 +344,9 @@ def fit(
 
     Returns a summary with the held-out metrics, history, steps and paths.
 
-    `config.task` `retrieval`, `captioning` or `distillation` trains a `DualEncoder`, a
-    `Captioner` or a dense student of `config.teacher` instead (`kvlm.training.tasks.fit_task`,
-    same arguments; one device only).
+    `config.task` `retrieval`, `captioning`, `distillation` or `rag` trains a `DualEncoder`, a
+    `Captioner`, a dense student of `config.teacher` or a `RetrievalAugmentedVLM` instead
+    (`kvlm.training.tasks.fit_task`, same arguments; one device only).
     """
     if config.task != "vqa":
         from kvlm.training.tasks import fit_task
@@ -461,8 +472,9 @@ def train(config: TrainConfig, callbacks: list | None = None, verbose: int | str
 def load_run(run_dir: str | Path):
     """Loads `(model, tokenizer, answers, config)` from a run folder of any task.
 
-    `model` is the task's model (`VLMClassifier` for vqa and distillation runs, `DualEncoder`
-    or `Captioner`); `answers` is the label set of a classifier run and `[]` for the other tasks.
+    `model` is the task's model (`VLMClassifier` for vqa and distillation runs, `DualEncoder`,
+    `Captioner` or `RetrievalAugmentedVLM` for rag runs); `answers` is the label set of a
+    classifier run (vqa, distillation, rag) and `[]` for the other tasks.
     """
     run_dir = Path(run_dir)
     if not (run_dir / MODEL_FILE).exists():
@@ -484,11 +496,18 @@ def evaluate(run_dir: str | Path, data_dir: str | None = None, size: int | None 
     `examples` and `per_domain` ({domain: the same metrics and its examples}).
     Retrieval and captioning runs return `kvlm.training.tasks.evaluate_task`'s
     report instead (recall@k, or BLEU-4 and example captions), marked by `task`; distillation
-    runs (a `VLMClassifier` student) are evaluated as vqa runs.
+    runs (a `VLMClassifier` student) are evaluated as vqa runs. Rag runs are too, answering
+    with in-graph retrieval from their index, on fresh examples of the store whose catalogue is
+    in it (`kvlm.training.rag.index_store_examples`; `size` of them, default `eval_size`) or
+    on `data_dir`; their report adds `index_store`.
     """
     model, tokenizer, answers, config = load_run(run_dir)
     if data_dir is not None:
         examples = load_folder(data_dir)
+    elif config.task == "rag":
+        from kvlm.training.rag import index_store_examples
+
+        examples = index_store_examples(config, size, model.backbone.image_size)
     else:
         if size is not None:
             config.eval_size = size
@@ -504,4 +523,6 @@ def evaluate(run_dir: str | Path, data_dir: str | None = None, size: int | None 
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
     loss = float(-log_probs[np.arange(len(labels)), labels].mean())
     report = classification_report(labels, logits.argmax(axis=-1), [e.domain for e in examples])
+    if config.task == "rag":
+        report["index_store"] = None if data_dir is not None else config.index_store
     return {"loss": loss} | report

@@ -13,7 +13,8 @@ without `answers.txt`. These tasks train on one device (`auto` or `one_device`).
   greedy captions (`kvlm.models.captioning`).
 
 The distillation task (a dense `VLMClassifier` student of a trained vqa run, with
-`answers.txt`) lives in `kvlm.training.distillation`; `fit_task` dispatches to it.
+`answers.txt`) lives in `kvlm.training.distillation`, the rag task (a `RetrievalAugmentedVLM`
+on product catalogues) in `kvlm.training.rag`; `fit_task` dispatches to them.
 """
 
 from __future__ import annotations
@@ -47,20 +48,22 @@ from kvlm.training.run import (
     run_callback_list,
 )
 
-TASKS = ("vqa", "retrieval", "captioning", "distillation")
+TASKS = ("vqa", "retrieval", "captioning", "distillation", "rag")
 TASK_HELP = (
     "vqa: image+question -> answer; retrieval: CLIP/SigLIP dual encoder; captioning: image -> caption; "
-    "distillation: a small dense student from a trained VQA teacher (--teacher)"
+    "distillation: a small dense student from a trained VQA teacher (--teacher); "
+    "rag: answers from a knowledge base (product catalogues) by retrieval"
 )
-# Sizes for `kvlm train --task ...` when not given (retrieval and captioning: as in bench/).
+# Sizes for `kvlm train --task ...` when not given (retrieval, captioning and rag: as in bench/).
 # Distillation takes its data and sizes from the teacher run (`kvlm.training.distillation.DATA_FIELDS`).
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "vqa": dict(train_size=24000, eval_size=2000, epochs=8, batch_size=64, learning_rate=2e-3),
     "retrieval": dict(train_size=4096, eval_size=512, epochs=10, batch_size=64, learning_rate=1e-3),
     "captioning": dict(train_size=3072, eval_size=512, epochs=4, batch_size=32, learning_rate=2e-3),
     "distillation": dict(epochs=8, batch_size=64, learning_rate=2e-3),
+    "rag": dict(train_size=12000, eval_size=1000, epochs=8, batch_size=64, learning_rate=1e-3),
 }
-# Strategies the retrieval, captioning and distillation tasks accept: they train on one device.
+# Strategies the retrieval, captioning, distillation and rag tasks accept: they train on one device.
 TASK_STRATEGIES = ("auto", "one_device")
 # Shortest caption sequence (`[CLS] words [SEP]`, padded) a captioning run uses.
 CAPTION_SEQUENCE_LENGTH = 32
@@ -70,13 +73,18 @@ SAMPLE_CAPTIONS = 5
 
 def check_task(config: TrainConfig) -> None:
     """Raises `ValueError` for an unknown task or loss, or options the task cannot use
-    (distillation: see `kvlm.training.distillation.check_distillation`)."""
+    (distillation: see `kvlm.training.distillation.check_distillation`; rag:
+    `kvlm.training.rag.check_rag`)."""
     if config.task not in TASKS:
         raise ValueError(f"`task` must be one of {TASKS}. Received: task={config.task!r}")
     if config.task == "distillation":
         from kvlm.training.distillation import check_distillation
 
         check_distillation(config)
+    if config.task == "rag":
+        from kvlm.training.rag import check_rag
+
+        check_rag(config)
     if config.task == "retrieval":
         if config.loss not in LOSSES:
             raise ValueError(f"`loss` must be one of {LOSSES}. Received: loss={config.loss!r}")
@@ -105,7 +113,7 @@ def task_config(config: TrainConfig) -> TrainConfig:
 
 
 def task_distribution(task: str, strategy: str | Distribution | None = "auto") -> Distribution:
-    """The one-device `Distribution` of a retrieval, captioning or distillation run.
+    """The one-device `Distribution` of a retrieval, captioning, distillation or rag run.
 
     `auto` (or None) means no strategy, `one_device` a `tf.distribute.OneDeviceStrategy`
     on TensorFlow; a `Distribution` must have one replica on one worker.
@@ -182,8 +190,8 @@ def fit_task(
 ) -> dict[str, Any]:
     """Trains the retrieval or captioning model of `config.task` and writes the run folder.
 
-    The distillation task is trained by `kvlm.training.distillation.fit_distillation`
-    (same arguments).
+    The distillation task is trained by `kvlm.training.distillation.fit_distillation`, the
+    rag task by `kvlm.training.rag.fit_rag` (same arguments).
 
     Arguments as for `kvlm.training.fit`, but `strategy` must be `auto`, `one_device`
     (or a one-replica `Distribution`; see `task_distribution`). The run folder holds
@@ -197,6 +205,13 @@ def fit_task(
         from kvlm.training.distillation import fit_distillation
 
         return fit_distillation(
+            config, strategy, callbacks, verbose,
+            checkpoint=checkpoint, backup_freq=backup_freq, tensorboard=tensorboard,
+        )
+    if config.task == "rag":
+        from kvlm.training.rag import fit_rag
+
+        return fit_rag(
             config, strategy, callbacks, verbose,
             checkpoint=checkpoint, backup_freq=backup_freq, tensorboard=tensorboard,
         )
@@ -364,6 +379,7 @@ def export_description(task: str) -> str:
     inputs, outputs, name = {
         "vqa": (INPUT_NAMES, OUTPUT_NAMES, SIGNATURE_NAME),
         "distillation": (INPUT_NAMES, OUTPUT_NAMES, SIGNATURE_NAME),  # the student VLMClassifier
+        "rag": (INPUT_NAMES, OUTPUT_NAMES, f"{SIGNATURE_NAME} (answers from the model's built-in index)"),
         "retrieval": (INPUT_NAMES, EMBED_OUTPUT_NAMES, f"{EMBED_SIGNATURE_NAME} (also {SIGNATURE_NAME})"),
         "captioning": (
             CAPTION_INPUT_NAMES, CAPTION_OUTPUT_NAMES, f"{CAPTION_SIGNATURE_NAME} (also {SIGNATURE_NAME})"
