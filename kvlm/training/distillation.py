@@ -20,7 +20,6 @@ and the student / teacher ratios.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from kvlm.training.run import (
     _write_run_files,
     load_examples,
     load_run,
+    fit_resumed,
     make_optimizer,
     run_callback_list,
     training_stream,
@@ -226,13 +226,11 @@ def fit_distillation(
     stream = training_stream(
         train_examples, tokenizer, answers, image_size, config.batch_size, config.seed,
         augment=config.augment, first_pass=done // steps_per_epoch,
-    ).skip(done % steps_per_epoch)
-    start = time.perf_counter()
-    history = model.fit(
-        stream, steps_per_epoch=steps_per_epoch, epochs=config.epochs, initial_epoch=done // steps_per_epoch,
-        validation_data=eval_data, callbacks=run_callbacks, verbose=verbose, shuffle=False,
     )
-    seconds = time.perf_counter() - start
+    history, seconds = fit_resumed(
+        model, stream, done=done, steps_per_epoch=steps_per_epoch, epochs=config.epochs, eval_data=eval_data,
+        callbacks=run_callbacks, verbose=verbose,
+    )
     student.save(out / MODEL_FILE)
     metrics = model.evaluate(eval_data, return_dict=True, verbose=0)
 

@@ -66,6 +66,7 @@ from kvlm.training.run import (
     _summary,
     _write_run_files,
     compile_classifier,
+    fit_resumed,
     run_callback_list,
 )
 
@@ -323,13 +324,11 @@ def fit_rag(
             shuffle=True, augment=config.augment, seed=seed,
         ),
         config.seed, first_pass=done // steps_per_epoch,
-    ).skip(done % steps_per_epoch)
-    start = time.perf_counter()
-    history = model.fit(
-        stream, steps_per_epoch=steps_per_epoch, epochs=config.epochs, initial_epoch=done // steps_per_epoch,
-        validation_data=eval_data, callbacks=run_callbacks, verbose=verbose, shuffle=False,
     )
-    seconds = time.perf_counter() - start
+    history, seconds = fit_resumed(
+        model, stream, done=done, steps_per_epoch=steps_per_epoch, epochs=config.epochs, eval_data=eval_data,
+        callbacks=run_callbacks, verbose=verbose,
+    )
     model.save(out / MODEL_FILE)
     index.save(out / INDEX_DIR)
     retriever_path.unlink(missing_ok=True)

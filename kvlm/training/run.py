@@ -303,6 +303,28 @@ def run_callback_list(
     return run_callbacks
 
 
+def fit_resumed(
+    model: keras.Model,
+    stream: tf.data.Dataset,
+    *,
+    done: int,
+    steps_per_epoch: int,
+    epochs: int,
+    eval_data,
+    callbacks: list,
+    verbose: int | str,
+):
+    """`model.fit` on an endless `stream` of batches (one pass per epoch, starting at the pass
+    of step `done`), resumed at step `done`; returns `(history, seconds)`."""
+    start = time.perf_counter()
+    history = model.fit(
+        stream.skip(done % steps_per_epoch), steps_per_epoch=steps_per_epoch, epochs=epochs,
+        initial_epoch=done // steps_per_epoch, validation_data=eval_data, callbacks=callbacks, verbose=verbose,
+        shuffle=False,  # the stream is shuffled per pass already
+    )
+    return history, time.perf_counter() - start
+
+
 def _output_dir(config: TrainConfig, distribution: Distribution) -> Path:
     out = Path(config.output)
     return out if distribution.is_chief else out / "workers" / str(distribution.worker_index)
@@ -406,14 +428,11 @@ def fit(
     stream = training_stream(
         train_examples, tokenizer, answers, preset["image_size"], config.batch_size, config.seed,
         augment=config.augment, drop_remainder=distribution.even_batches, first_pass=done // steps_per_epoch,
-    ).skip(done % steps_per_epoch)
-    start = time.perf_counter()
-    history = model.fit(
-        stream, steps_per_epoch=steps_per_epoch, epochs=config.epochs, initial_epoch=done // steps_per_epoch,
-        validation_data=eval_data, callbacks=run_callbacks, verbose=verbose,
-        shuffle=False,  # the stream is shuffled per pass already
     )
-    seconds = time.perf_counter() - start
+    history, seconds = fit_resumed(
+        model, stream, done=done, steps_per_epoch=steps_per_epoch, epochs=config.epochs, eval_data=eval_data,
+        callbacks=run_callbacks, verbose=verbose,
+    )
     model.save(out / MODEL_FILE)
     metrics = model.evaluate(eval_data, return_dict=True, verbose=0)
     summary = _summary(history, metrics, seconds, train_examples, eval_examples, answers, out) | {

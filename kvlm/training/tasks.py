@@ -20,7 +20,6 @@ on product catalogues) in `kvlm.training.rag`; `fit_task` dispatches to them.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -44,6 +43,7 @@ from kvlm.training.run import (
     _prepare,
     _summary,
     _write_run_files,
+    fit_resumed,
     make_optimizer,
     run_callback_list,
 )
@@ -250,13 +250,11 @@ def fit_task(
             shuffle=True, augment=config.augment, seed=seed,
         ),
         config.seed, first_pass=done // steps_per_epoch,
-    ).skip(done % steps_per_epoch)
-    start = time.perf_counter()
-    history = model.fit(
-        stream, steps_per_epoch=steps_per_epoch, epochs=config.epochs, initial_epoch=done // steps_per_epoch,
-        validation_data=eval_data, callbacks=run_callbacks, verbose=verbose, shuffle=False,
     )
-    seconds = time.perf_counter() - start
+    history, seconds = fit_resumed(
+        model, stream, done=done, steps_per_epoch=steps_per_epoch, epochs=config.epochs, eval_data=eval_data,
+        callbacks=run_callbacks, verbose=verbose,
+    )
     model.save(out / MODEL_FILE)
     metrics = model.evaluate(eval_data, return_dict=True, verbose=0)
     summary = _summary(history, metrics, seconds, train_examples, eval_examples, [], out)
