@@ -26,22 +26,45 @@ def validate_model_name(name: str) -> str:
     return name
 
 
-def is_version_name(name: str) -> bool:
-    """Whether a folder name is a version: a positive integer without sign or leading zeros."""
-    return name.isdigit() and name.isascii() and not name.startswith("0")
+MAX_VERSION = 2**63 - 1
+
+
+def parse_version(name: str) -> int | None:
+    """The version a folder name stands for, as TF Serving reads it, or None.
+
+    Folder names are parsed as a non-negative int64, so `00000123` is version 123.
+    """
+    if not (name.isascii() and name.isdigit()):
+        return None
+    version = int(name)
+    return version if version <= MAX_VERSION else None
+
+
+def scan_versions(model_dir: str | Path) -> tuple[dict[int, Path], dict[str, str]]:
+    """`(versions, skipped)`: complete version folders by version, and why every other entry was skipped."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return {}, {}
+    found: dict[int, Path] = {}
+    skipped: dict[str, str] = {}
+    for child in sorted(model_dir.iterdir()):
+        version = parse_version(child.name)
+        if not child.is_dir():
+            continue
+        if version is None:
+            skipped[child.name] = "not a version number (a non-negative integer)"
+        elif not any((child / f).is_file() for f in SAVED_MODEL_FILES):
+            skipped[child.name] = f"no {' or '.join(SAVED_MODEL_FILES)} in it (yet)"
+        elif version in found:
+            skipped[child.name] = f"version {version} is already served from {found[version].name}"
+        else:
+            found[version] = child
+    return dict(sorted(found.items())), skipped
 
 
 def version_dirs(model_dir: str | Path) -> dict[int, Path]:
     """Complete version folders (those holding a SavedModel) of `model_dir`, by version."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        return {}
-    found = {}
-    for child in model_dir.iterdir():
-        if child.is_dir() and is_version_name(child.name):
-            if any((child / f).is_file() for f in SAVED_MODEL_FILES):
-                found[int(child.name)] = child
-    return dict(sorted(found.items()))
+    return scan_versions(model_dir)[0]
 
 
 def next_version(model_dir: str | Path) -> int:
@@ -49,5 +72,5 @@ def next_version(model_dir: str | Path) -> int:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         return 1
-    versions = [int(c.name) for c in model_dir.iterdir() if c.is_dir() and is_version_name(c.name)]
+    versions = [v for c in model_dir.iterdir() if c.is_dir() and (v := parse_version(c.name)) is not None]
     return max(versions, default=0) + 1

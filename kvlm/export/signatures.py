@@ -14,8 +14,10 @@ Outputs:
 
 Decoding, resizing and tokenization use `kvlm.data.decode_image`, `resize_image`
 and the keras-hub WordPiece tokenizer (tf-text ops), the same functions as the
-training input pipeline. A corrupt or empty image, or inputs whose batch sizes
-differ, make the graph raise `InvalidArgumentError` (gRPC INVALID_ARGUMENT).
+training input pipeline. A corrupt or empty image, an image above
+`MAX_IMAGE_PIXELS` (read from its header before decoding, so that the official
+TF Serving binary is protected too), or inputs whose batch sizes differ, make the
+graph raise `InvalidArgumentError` (gRPC INVALID_ARGUMENT).
 """
 
 from __future__ import annotations
@@ -43,12 +45,14 @@ CAPTION_SIGNATURE_NAME = "caption"
 CAPTION_FEATURES_SIGNATURE_NAME = "caption_token_ids"
 CAPTION_INPUT_NAMES = (IMAGE_INPUT,)
 CAPTION_OUTPUT_NAMES = ("caption",)
+# The largest image (height x width) the serving graph decodes: 4096 x 4096 is 64 MiB as RGBA.
+MAX_IMAGE_PIXELS = 4096 * 4096
 
 
-def preprocess_images(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
+def preprocess_images(image_bytes: tf.Tensor, image_size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> tf.Tensor:
     """Decodes and resizes a `[batch]` string tensor to `(batch, S, S, 3)` float32 in [0, 1].
 
-    Each image is decoded on its own (`decode_image`). When all decoded images have
+    Each image is decoded on its own (`decode_image`, refusing images above `max_pixels`). When all decoded images have
     the same size, which is the usual case, `resize_image` runs once on the stacked
     batch (it resizes every image independently, so the values are the same as one
     by one, and it is several times faster than resizing inside the loop); otherwise
@@ -56,7 +60,7 @@ def preprocess_images(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
     """
 
     def decode_flat(data):
-        image = decode_image(data)
+        image = decode_image(data, max_pixels)
         # `* 1` turns the shape into a plain int32 tensor, as the loop's TensorList expects.
         return tf.reshape(image, [-1]), tf.shape(image) * 1
 

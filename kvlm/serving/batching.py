@@ -80,11 +80,16 @@ class Batcher:
     """Merges requests for one signature. `run(inputs) -> outputs` executes a batch.
 
     `submit` returns a future resolving to `(outputs, batch_size)`, where `batch_size`
-    is the number of examples in the batch the request ran in.
+    is the number of examples in the batch the request ran in. `on_batch(size)` is
+    called after each batch that ran.
     """
 
-    def __init__(self, run: Callable[[Arrays], Mapping[str, np.ndarray]], config: BatchingConfig, name: str = "batcher"):
+    def __init__(
+        self, run: Callable[[Arrays], Mapping[str, np.ndarray]], config: BatchingConfig, name: str = "batcher",
+        on_batch: Callable[[int], None] | None = None,
+    ):
         self._run = run
+        self._on_batch = on_batch
         self.config = config
         self.name = name
         self.stats = BatchStats()
@@ -192,6 +197,8 @@ class Batcher:
                 task.future.set_exception(ServingError(grpc.StatusCode.INTERNAL, f"Batch failed: {error}"))
             return
         self.stats.record(len(tasks), size, time.perf_counter() - start)
+        if self._on_batch is not None:
+            self._on_batch(size)
         offset = 0
         for task in tasks:
             end = offset + task.size

@@ -15,9 +15,12 @@ from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
 from kvlm.export.layout import validate_model_name
-from kvlm.serving.protos import BatchingParameters, SSLConfig
+from kvlm.serving.protos import BatchingParameters, MonitoringConfig, SSLConfig
 
 VERSION_POLICIES = ("latest", "all", "specific")
+DEFAULT_PROMETHEUS_PATH = "/monitoring/prometheus/metrics"
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+DEFAULT_MAX_DECODE_BYTES = 1024**3
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,13 @@ def parse_model_config(text: str, config_dir: str | Path = ".") -> list[ModelCon
         proto = text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
     except text_format.ParseError as error:
         raise ValueError(f"Invalid model config: {error}") from None
+    return model_configs_from_proto(proto, config_dir)
+
+
+def model_configs_from_proto(
+    proto: model_server_config_pb2.ModelServerConfig, config_dir: str | Path = "."
+) -> list[ModelConfig]:
+    """The models of a `ModelServerConfig` (from a file or a HandleReloadConfigRequest)."""
     if proto.WhichOneof("config") != "model_config_list":
         raise ValueError("The model config needs a `model_config_list { config { ... } }` section.")
     models = []
@@ -158,6 +168,27 @@ def load_batching_parameters(path: str | Path) -> BatchingConfig:
     return parse_batching_parameters(_read(path, "Batching parameters file"))
 
 
+def parse_monitoring_config(text: str) -> str | None:
+    """The Prometheus path of a `--monitoring_config_file` (`MonitoringConfig` text proto), or None
+    when `prometheus_config { enable: true }` is not set. The path defaults to TF Serving's."""
+    try:
+        proto = text_format.Parse(text, MonitoringConfig())
+    except text_format.ParseError as error:
+        raise ValueError(f"Invalid monitoring config: {error}") from None
+    prometheus = proto.prometheus_config
+    if not prometheus.enable:
+        return None
+    path = prometheus.path or DEFAULT_PROMETHEUS_PATH
+    if not path.startswith("/"):
+        raise ValueError(f"prometheus_config.path must start with '/', got {path!r}.")
+    return path
+
+
+def load_monitoring_config(path: str | Path) -> str | None:
+    """Reads a `--monitoring_config_file`; returns the Prometheus path or None."""
+    return parse_monitoring_config(_read(path, "Monitoring config file"))
+
+
 def load_ssl_config(path: str | Path) -> TLSConfig:
     """Reads an `--ssl_config_file` (`SSLConfig` text proto with PEM contents inline)."""
     try:
@@ -198,18 +229,37 @@ class ServerOptions:
     max_message_bytes: int = 32 * 1024 * 1024
     grpc_max_threads: int = 64
     shutdown_grace_seconds: float = 10.0
+    rest_api_port: int | None = None  # None: no REST API; 0: any free port
+    rest_api_host: str | None = None  # None: the same as `host`
+    rest_api_timeout_seconds: float = 30.0
+    prometheus_path: str | None = None  # None: no metrics endpoint (it needs the REST API)
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # 0: unbounded
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES  # 0: unbounded
 
     def __post_init__(self):
         if not self.models:
             raise ValueError("No models to serve: give --model_base_path or --model_config_file.")
-        if not 0 <= self.port < 65536:
-            raise ValueError(f"--port must be in [0, 65535], got {self.port}.")
+        for flag, port in (("--port", self.port), ("--rest_api_port", self.rest_api_port)):
+            if port is not None and not 0 <= port < 65536:
+                raise ValueError(f"{flag} must be in [0, 65535], got {port}.")
+        if self.prometheus_path and self.rest_api_port is None:
+            raise ValueError("Prometheus metrics are served on the REST port: give --rest_api_port.")
+        if self.max_image_pixels < 0 or self.max_decode_bytes < 0:
+            raise ValueError(
+                f"--max_image_pixels and --max_decode_bytes must be >= 0 (0: no limit), got "
+                f"{self.max_image_pixels} and {self.max_decode_bytes}."
+            )
         if self.max_message_bytes < 1024:
             raise ValueError(f"--max_message_bytes must be at least 1024, got {self.max_message_bytes}.")
         if self.grpc_max_threads < 1:
             raise ValueError(f"--grpc_max_threads must be >= 1, got {self.grpc_max_threads}.")
         if self.auth_token is not None and not self.auth_token.strip():
             raise ValueError("The auth token is empty.")
+
+
+    @property
+    def rest_host(self) -> str:
+        return self.rest_api_host or self.host
 
 
 def auth_token_from_env(value: str | None) -> str | None:

@@ -22,10 +22,11 @@ from google.protobuf import text_format
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 from tensorflow_serving.apis import get_model_status_pb2, prediction_log_pb2
 
-from kvlm.export.layout import version_dirs
+from kvlm.export.layout import scan_versions
 from kvlm.serving.batching import Batcher
 from kvlm.serving.config import BatchingConfig, ModelConfig
 from kvlm.serving.errors import ServingError, from_tf_error, invalid, not_found
+from kvlm.serving.metrics import Metrics
 from kvlm.serving.ops import load_tf_text_ops
 from kvlm.serving.tensors import InputSpec, batch_size, check_inputs, input_specs
 
@@ -39,16 +40,18 @@ MAX_LOAD_ATTEMPTS = 3
 
 @dataclass
 class Signature:
-    """A callable signature with its input and output specs."""
+    """A callable signature with its input and output specs and its method name
+    (`tensorflow/serving/predict`, `.../classify` or `.../regress`)."""
 
     name: str
     function: tf.types.experimental.ConcreteFunction
     inputs: dict[str, InputSpec]
     outputs: dict[str, tf.TensorSpec]
+    method_name: str = "tensorflow/serving/predict"
 
 
-def read_signature_defs(path: str | Path) -> dict[str, meta_graph_pb2.SignatureDef]:
-    """The `SignatureDef`s of a SavedModel's serving meta graph (for GetModelMetadata)."""
+def read_serving_meta_graph(path: str | Path) -> meta_graph_pb2.MetaGraphDef:
+    """The serving (`serve`-tagged) meta graph of a SavedModel."""
     path = Path(path)
     saved_model = saved_model_pb2.SavedModel()
     if (path / "saved_model.pb").is_file():
@@ -57,24 +60,34 @@ def read_signature_defs(path: str | Path) -> dict[str, meta_graph_pb2.SignatureD
         text_format.Parse((path / "saved_model.pbtxt").read_text(), saved_model)
     for meta_graph in saved_model.meta_graphs:
         if "serve" in meta_graph.meta_info_def.tags or len(saved_model.meta_graphs) == 1:
-            return {k: v for k, v in meta_graph.signature_def.items() if not k.startswith("__")}
-    return {}
+            return meta_graph
+    raise ValueError(f"{path} has no meta graph tagged 'serve'.")
 
 
 class LoadedVersion:
     """One loaded SavedModel version; `predict` runs a signature (batched if configured)."""
 
-    def __init__(self, model_name: str, version: int, path: Path, batching: BatchingConfig | None = None):
+    def __init__(
+        self, model_name: str, version: int, path: Path, batching: BatchingConfig | None = None,
+        metrics: Metrics | None = None,
+    ):
         self.model_name = model_name
         self.version = version
         self.path = path
         load_tf_text_ops()
-        self._model = tf.saved_model.load(str(path))
-        self.signature_defs = read_signature_defs(path)
+        meta_graph = read_serving_meta_graph(path)
+        self._model = tf.saved_model.load(str(path), tags=list(meta_graph.meta_info_def.tags) or None)
+        self.signature_defs = {k: v for k, v in meta_graph.signature_def.items() if not k.startswith("__")}
+        # A TF1 graph (no object graph) takes any shape its ops accept, as in a TF Serving session.
+        check_shape = bool(meta_graph.object_graph_def.nodes)
         self.signatures: dict[str, Signature] = {}
         for name, function in self._model.signatures.items():
             _, kwargs = function.structured_input_signature
-            self.signatures[name] = Signature(name, function, input_specs(kwargs), dict(function.structured_outputs))
+            method = self.signature_defs[name].method_name if name in self.signature_defs else ""
+            self.signatures[name] = Signature(
+                name, function, input_specs(kwargs, check_shape), dict(function.structured_outputs),
+                method or "tensorflow/serving/predict",
+            )
         self._batchers: dict[str, Batcher] = {}
         if batching is not None:
             for name, signature in self.signatures.items():
@@ -82,6 +95,9 @@ class LoadedVersion:
                     self._batchers[name] = Batcher(
                         lambda arrays, s=signature: self._call(s, arrays), batching,
                         name=f"{model_name}/{version}/{name}",
+                        on_batch=None if metrics is None else (
+                            lambda size: metrics.observe("processed_batch_size", size, model_name)
+                        ),
                     )
 
     def signature(self, name: str) -> Signature:
@@ -160,12 +176,14 @@ def _stamp(path: Path) -> tuple:
 class ServedModel:
     """The loaded versions and load states of one configured model."""
 
-    def __init__(self, config: ModelConfig, batching: BatchingConfig | None):
+    def __init__(self, config: ModelConfig, batching: BatchingConfig | None, metrics: Metrics | None = None):
         self.config = config
         self.batching = batching
+        self.metrics = metrics
         self.versions: dict[int, LoadedVersion] = {}
         self.status: dict[int, VersionStatus] = {}
         self._lock = threading.Lock()
+        self._skipped: dict[str, str] = {}
 
     def resolve(self, version: int | None = None, label: str | None = None) -> LoadedVersion:
         """The requested version (label, number, or the latest loaded)."""
@@ -191,7 +209,8 @@ class ServedModel:
         others, e.g. the previous version) and retried on later polls, up to
         `MAX_LOAD_ATTEMPTS` times or until its files change.
         """
-        found = version_dirs(self.config.base_path)
+        found, skipped = scan_versions(self.config.base_path)
+        self._log_skipped(skipped)
         failed_now: set[int] = set()
         while True:
             candidates = [v for v in found if v not in failed_now and self._may_load(v, found[v])]
@@ -205,6 +224,13 @@ class ServedModel:
         if any(v in self.versions for v in wanted) or not found:
             for version in sorted(set(self.versions) - set(wanted)):
                 self._unload(version)
+
+    def _log_skipped(self, skipped: dict[str, str]) -> None:
+        """Logs each skipped folder once (again when its reason changes)."""
+        for name, reason in sorted(skipped.items()):
+            if self._skipped.get(name) != reason:
+                logger.warning("Model %s: skipping %s: %s", self.config.name, self.config.base_path / name, reason)
+        self._skipped = skipped
 
     def _may_load(self, version: int, path: Path) -> bool:
         """False for a version that failed `MAX_LOAD_ATTEMPTS` times and has not changed since."""
@@ -222,11 +248,12 @@ class ServedModel:
         start = time.perf_counter()
         loaded = None
         try:
-            loaded = LoadedVersion(self.config.name, version, path, self.batching)
+            loaded = LoadedVersion(self.config.name, version, path, self.batching, self.metrics)
             warmups = loaded.warm_up()
         except Exception as error:  # any load failure is reported, never fatal
             if loaded is not None:
                 loaded.close()
+            self._count_load(path, "fail")
             status.state = State.END
             status.error_code = grpc.StatusCode.UNKNOWN
             status.error_message = f"Failed to load {path}: {error}"
@@ -235,10 +262,15 @@ class ServedModel:
             return False
         with self._lock:
             self.versions[version] = loaded
+        self._count_load(path, "success")
         status.state, status.error_code, status.error_message = State.AVAILABLE, grpc.StatusCode.OK, ""
         logger.info("Loaded model %s version %d from %s in %.1fs (%d warm-up requests)",
                     self.config.name, version, path, time.perf_counter() - start, warmups)
         return True
+
+    def _count_load(self, path: Path, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.count("load_attempt_count", str(path), outcome)
 
     def _unload(self, version: int) -> None:
         self.status[version].state = State.UNLOADING
@@ -256,8 +288,13 @@ class ServedModel:
 class ModelManager:
     """Serves the configured models and polls their base paths for new versions."""
 
-    def __init__(self, configs: list[ModelConfig], batching: BatchingConfig | None = None, poll_seconds: float = 1.0):
-        self.models = {c.name: ServedModel(c, batching) for c in configs}
+    def __init__(
+        self, configs: list[ModelConfig], batching: BatchingConfig | None = None, poll_seconds: float = 1.0,
+        metrics: Metrics | None = None,
+    ):
+        self.batching = batching
+        self.metrics = metrics
+        self.models = {c.name: ServedModel(c, batching, metrics) for c in configs}
         self.poll_seconds = poll_seconds
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -267,6 +304,27 @@ class ModelManager:
         with self._refresh_lock:
             for model in self.models.values():
                 model.refresh()
+
+    def reload(self, configs: list[ModelConfig]) -> None:
+        """Serves exactly `configs` (HandleReloadConfigRequest): new models are loaded, dropped ones
+        unloaded, and a changed config takes effect (its versions are reloaded if its path changed)."""
+        with self._refresh_lock:
+            wanted = {c.name: c for c in configs}
+            models = dict(self.models)
+            for name in sorted(set(models) - set(wanted)):
+                models.pop(name).close()
+            for name, config in wanted.items():
+                current = models.get(name)
+                if current is not None and current.config.base_path == config.base_path:
+                    current.config = config
+                else:
+                    if current is not None:
+                        current.close()
+                    models[name] = ServedModel(config, self.batching, self.metrics)
+            self.models = models
+            for model in models.values():
+                model.refresh()
+        logger.info("Reloaded the model config: serving %s", sorted(wanted))
 
     def start(self) -> None:
         """Loads the current versions, then polls every `poll_seconds` (0: never)."""

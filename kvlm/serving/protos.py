@@ -1,7 +1,8 @@
 """TF Serving config messages that the `tensorflow-serving-api` wheel does not ship.
 
-`BatchingParameters` (tensorflow_serving/servables/tensorflow/session_bundle_config.proto)
-and `SSLConfig` (tensorflow_serving/config/ssl_config.proto) are rebuilt here from
+`BatchingParameters` (tensorflow_serving/servables/tensorflow/session_bundle_config.proto),
+`SSLConfig` (tensorflow_serving/config/ssl_config.proto) and `MonitoringConfig`
+(tensorflow_serving/config/monitoring_config.proto) are rebuilt here from
 their published definitions (same package, names and field numbers), so the files
 `tensorflow_model_server` reads parse with `google.protobuf.text_format` unchanged.
 """
@@ -46,9 +47,21 @@ def _build_pool() -> descriptor_pool.DescriptorPool:
         message.field.add(name=name, number=number, type=_F.TYPE_STRING, label=_F.LABEL_OPTIONAL)
     message.field.add(name="client_verify", number=4, type=_F.TYPE_BOOL, label=_F.LABEL_OPTIONAL)
     pool.Add(ssl)
+
+    monitoring = descriptor_pb2.FileDescriptorProto(
+        name="kvlm/tensorflow_serving/monitoring_config.proto", package="tensorflow.serving", syntax="proto3"
+    )
+    message = monitoring.message_type.add(name="PrometheusConfig")
+    message.field.add(name="enable", number=1, type=_F.TYPE_BOOL, label=_F.LABEL_OPTIONAL)
+    message.field.add(name="path", number=2, type=_F.TYPE_STRING, label=_F.LABEL_OPTIONAL)
+    message = monitoring.message_type.add(name="MonitoringConfig")
+    message.field.add(name="prometheus_config", number=1, type=_F.TYPE_MESSAGE,
+                      type_name=".tensorflow.serving.PrometheusConfig", label=_F.LABEL_OPTIONAL)
+    pool.Add(monitoring)
     return pool
 
 
 _POOL = _build_pool()
 BatchingParameters = message_factory.GetMessageClass(_POOL.FindMessageTypeByName("tensorflow.serving.BatchingParameters"))
 SSLConfig = message_factory.GetMessageClass(_POOL.FindMessageTypeByName("tensorflow.serving.SSLConfig"))
+MonitoringConfig = message_factory.GetMessageClass(_POOL.FindMessageTypeByName("tensorflow.serving.MonitoringConfig"))

@@ -1,7 +1,8 @@
-"""An embedded gRPC server speaking TF Serving's API.
+"""An embedded server speaking TF Serving's gRPC API (and its REST API with `rest_api_port`).
 
-Implements `tensorflow.serving.PredictionService` (Predict, GetModelMetadata) and
-`tensorflow.serving.ModelService` (GetModelStatus) with the generated stubs of
+Implements every `tensorflow.serving.PredictionService` method (Predict, Classify,
+Regress, MultiInference, GetModelMetadata) and `tensorflow.serving.ModelService`
+(GetModelStatus, HandleReloadConfigRequest) with the generated stubs of
 `tensorflow-serving-api`, so stock TF Serving clients work unchanged. Each Predict
 response carries trailing metadata `kvlm-batch-size`: the number of examples in the
 batch the request ran in (more than the request's own size when batching merged it).
@@ -17,125 +18,86 @@ from concurrent import futures
 
 import grpc
 import tensorflow as tf
-from tensorflow_serving.apis import (
-    get_model_metadata_pb2,
-    get_model_status_pb2,
-    model_service_pb2_grpc,
-    predict_pb2,
-    prediction_service_pb2_grpc,
-)
+from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
 from kvlm.serving.config import ServerOptions
-from kvlm.serving.errors import ServingError, invalid
+from kvlm.serving.errors import ServingError
+from kvlm.serving.metrics import Metrics
 from kvlm.serving.models import ModelManager
-from kvlm.serving.tensors import check_inputs, fill_tensor_proto
+from kvlm.serving.service import InferenceService
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SIGNATURE = "serving_default"
 BATCH_SIZE_METADATA = "kvlm-batch-size"
 
 
-def _version_request(spec) -> tuple[int | None, str | None]:
-    choice = spec.WhichOneof("version_choice")
-    if choice == "version":
-        return spec.version.value, None
-    if choice == "version_label":
-        return None, spec.version_label
-    return None, None
+def _unary(api: str, method: str, model_name=lambda request: request.model_spec.name):
+    """A gRPC handler running `InferenceService.<method>`: errors become the call's status."""
+
+    def handler(self, request, context):
+        service = self.service
+        try:
+            return service.measured(
+                api, "GRPC", model_name(request), lambda: getattr(service, method)(request, context.time_remaining())
+            )
+        except ServingError as error:
+            context.abort(error.code, error.message)
+
+    handler.__name__ = api
+    return handler
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    """Predict and GetModelMetadata; Classify, Regress and MultiInference answer UNIMPLEMENTED."""
+    """Every PredictionService method."""
 
-    def __init__(self, manager: ModelManager):
-        self.manager = manager
+    def __init__(self, service: InferenceService):
+        self.service = service
 
     def Predict(self, request, context):
+        service = self.service
         try:
-            response, size = self.predict(request, context.time_remaining())
+            response, size = service.measured(
+                "predict", "GRPC", request.model_spec.name,
+                lambda: service.predict(request, context.time_remaining()),
+            )
         except ServingError as error:
             context.abort(error.code, error.message)
         context.set_trailing_metadata(((BATCH_SIZE_METADATA, str(size)),))
         return response
 
-    def predict(self, request: predict_pb2.PredictRequest, timeout: float | None = None):
-        """Runs one Predict request; returns `(response, batch_size)` or raises `ServingError`."""
-        spec = request.model_spec
-        loaded = self.manager.model(spec.name).resolve(*_version_request(spec))
-        signature = loaded.signature(spec.signature_name or DEFAULT_SIGNATURE)
-        arrays = check_inputs(request.inputs, signature.inputs)
-        wanted = list(request.output_filter) or list(signature.outputs)
-        unknown = sorted(set(wanted) - set(signature.outputs))
-        if unknown:
-            raise invalid(f"Unknown output(s) {unknown} in output_filter; the signature returns {sorted(signature.outputs)}.")
-        outputs, size = loaded.predict(signature, arrays, timeout)
-        response = predict_pb2.PredictResponse()
-        response.model_spec.name = spec.name
-        response.model_spec.version.value = loaded.version
-        response.model_spec.signature_name = signature.name
-        for name in wanted:
-            fill_tensor_proto(response.outputs[name], outputs[name])
-        return response, size
+    Classify = _unary("classify", "classify")
+    Regress = _unary("regress", "regress")
+    MultiInference = _unary(
+        "multi_inference", "multi_inference",
+        lambda request: request.tasks[0].model_spec.name if request.tasks else "",
+    )
 
     def GetModelMetadata(self, request, context):
         try:
-            return self.metadata(request)
+            return self.service.measured("get_model_metadata", "GRPC", request.model_spec.name,
+                                         lambda: self.service.metadata(request))
         except ServingError as error:
             context.abort(error.code, error.message)
-
-    def metadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest):
-        fields = set(request.metadata_field)
-        if fields != {"signature_def"}:
-            raise invalid(f"metadata_field must be ['signature_def'], got {sorted(fields)}.")
-        spec = request.model_spec
-        loaded = self.manager.model(spec.name).resolve(*_version_request(spec))
-        response = get_model_metadata_pb2.GetModelMetadataResponse()
-        response.model_spec.name = spec.name
-        response.model_spec.version.value = loaded.version
-        signature_map = get_model_metadata_pb2.SignatureDefMap()
-        for name, signature_def in loaded.signature_defs.items():
-            signature_map.signature_def[name].CopyFrom(signature_def)
-        response.metadata["signature_def"].Pack(signature_map)
-        return response
 
 
 class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
-    """GetModelStatus; HandleReloadConfigRequest answers UNIMPLEMENTED."""
+    """GetModelStatus and HandleReloadConfigRequest."""
 
-    def __init__(self, manager: ModelManager):
-        self.manager = manager
+    def __init__(self, service: InferenceService):
+        self.service = service
 
     def GetModelStatus(self, request, context):
         try:
-            return self.status(request)
+            return self.service.measured("get_model_status", "GRPC", request.model_spec.name,
+                                         lambda: self.service.status(request))
         except ServingError as error:
             context.abort(error.code, error.message)
 
-    def status(self, request: get_model_status_pb2.GetModelStatusRequest):
-        model = self.manager.model(request.model_spec.name)
-        version, label = _version_request(request.model_spec)
-        if label:
-            version = model.resolve(label=label).version
-        statuses = dict(model.status)
-        if version is not None:
-            if version not in statuses:
-                raise ServingError(
-                    grpc.StatusCode.NOT_FOUND,
-                    f"Model '{model.config.name}' has no version {version}; known versions: {sorted(statuses)}.",
-                )
-            statuses = {version: statuses[version]}
-        if not statuses:
-            raise ServingError(
-                grpc.StatusCode.NOT_FOUND,
-                f"Model '{model.config.name}' has no versions yet (looking in {model.config.base_path}).",
-            )
-        response = get_model_status_pb2.GetModelStatusResponse()
-        for number, status in sorted(statuses.items()):
-            entry = response.model_version_status.add(version=number, state=status.state)
-            entry.status.error_code = status.error_code.value[0]
-            entry.status.error_message = status.error_message
-        return response
+    def HandleReloadConfigRequest(self, request, context):
+        try:
+            return self.service.measured("reload_config", "GRPC", "", lambda: self.service.reload(request))
+        except ServingError as error:
+            context.abort(error.code, error.message)
 
 
 class _TokenAuth(grpc.ServerInterceptor):
@@ -168,9 +130,15 @@ class Server:
 
     def __init__(self, options: ServerOptions):
         self.options = options
-        self.manager = ModelManager(options.models, options.batching, options.file_system_poll_wait_seconds)
+        self.metrics = Metrics()
+        self.manager = ModelManager(
+            options.models, options.batching, options.file_system_poll_wait_seconds, self.metrics
+        )
+        self.service = InferenceService(self.manager, self.metrics, options.max_image_pixels, options.max_decode_bytes)
         self.port: int | None = None
+        self.rest_port: int | None = None
         self._grpc: grpc.Server | None = None
+        self._rest = None
         self._stopped = threading.Event()
 
     def start(self) -> int:
@@ -187,8 +155,8 @@ class Server:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(self.manager), self._grpc)
-        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.manager), self._grpc)
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(self.service), self._grpc)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.service), self._grpc)
         address = f"{options.host}:{options.port}"
         if options.tls:
             tls = options.tls
@@ -205,6 +173,18 @@ class Server:
             raise ValueError(f"Could not bind {address}: is the port in use?")
         self._grpc.start()
         logger.info("Running gRPC ModelServer at %s:%d%s", options.host, self.port, " (TLS)" if options.tls else "")
+        if options.rest_api_port is not None:
+            from kvlm.serving.rest import RestServer
+
+            self._rest = RestServer(self.service, options)
+            try:
+                self.rest_port = self._rest.start()
+            except OSError as error:
+                self._grpc.stop(0)
+                self.manager.close()
+                raise ValueError(f"Could not bind the REST API at {self._rest.host}:{options.rest_api_port}: {error}") from None
+            logger.info("Exporting HTTP/REST API at %s:%d%s", self._rest.host, self.rest_port,
+                        f" (Prometheus metrics at {options.prometheus_path})" if options.prometheus_path else "")
         return self.port
 
     def stats(self) -> dict:
@@ -217,6 +197,8 @@ class Server:
             return
         self._stopped.set()
         grace = self.options.shutdown_grace_seconds if grace is None else grace
+        if self._rest is not None:
+            self._rest.stop(grace)
         if self._grpc is not None:
             self._grpc.stop(grace).wait()
         self.manager.close()
@@ -255,6 +237,8 @@ def serve(options: ServerOptions) -> int:
     try:
         server.start()
         print(f"Running gRPC ModelServer at {options.host}:{server.port}", flush=True)
+        if server.rest_port is not None:
+            print(f"Exporting HTTP/REST API at {options.rest_host}:{server.rest_port}", flush=True)
         while not requested.wait(0.5):
             pass
     finally:

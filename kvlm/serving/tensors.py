@@ -38,17 +38,18 @@ class InputSpec:
     batched: bool  # dimension 0 is the batch
 
     @classmethod
-    def from_spec(cls, name: str, spec: tf.TensorSpec) -> "InputSpec":
+    def from_spec(cls, name: str, spec: tf.TensorSpec, check_shape: bool = True) -> "InputSpec":
+        """With `check_shape=False` any shape is taken (as TF Serving feeds TF1 graphs)."""
         shape = None if spec.shape.rank is None else tuple(spec.shape.as_list())
         is_string = spec.dtype == tf.string
         return cls(
             name, spec.dtype.as_datatype_enum, None if is_string else np.dtype(spec.dtype.as_numpy_dtype),
-            0 if is_string else spec.dtype.size, shape, bool(shape) and shape[0] is None,
+            0 if is_string else spec.dtype.size, shape if check_shape else None, bool(shape) and shape[0] is None,
         )
 
 
-def input_specs(specs: Mapping[str, tf.TensorSpec]) -> dict[str, InputSpec]:
-    return {name: InputSpec.from_spec(name, spec) for name, spec in specs.items()}
+def input_specs(specs: Mapping[str, tf.TensorSpec], check_shape: bool = True) -> dict[str, InputSpec]:
+    return {name: InputSpec.from_spec(name, spec, check_shape) for name, spec in specs.items()}
 
 
 def to_ndarray(proto: tensor_pb2.TensorProto, spec: InputSpec) -> np.ndarray:
@@ -127,6 +128,9 @@ def check_inputs(inputs: Mapping[str, tensor_pb2.TensorProto], specs: Mapping[st
             parts.append(f"unexpected input(s) {extra}")
         raise invalid(f"{'; '.join(parts).capitalize()}; the signature takes {sorted(specs)}.")
     arrays = {name: to_ndarray(inputs[name], spec) for name, spec in specs.items()}
+    unbatched = sorted(name for name, spec in specs.items() if spec.batched and arrays[name].ndim == 0)
+    if unbatched:
+        raise invalid(f"Input(s) {unbatched} must have a batch dimension (dimension 0); got scalars.")
     batched = {name: arrays[name].shape[0] for name, spec in specs.items() if spec.batched}
     sizes = set(batched.values())
     if len(sizes) > 1:

@@ -66,3 +66,30 @@ def examples():
     from kvlm.export.testing import example_requests
 
     return example_requests(8, image_size=32, seed=5)
+
+
+@pytest.fixture(scope="session")
+def half_plus_two_base(tmp_path_factory):
+    """A base path with TF Serving's test models in version folder 00000123: `half_plus_two`
+    (TF1 graph with classify/regress signatures) and `half_plus_two_tf2` (`tf.saved_model.save`)."""
+    from half_plus_two import VERSION_FOLDER, write_tf1, write_tf2
+
+    base = tmp_path_factory.mktemp("half_plus_two")
+    write_tf1(base / "half_plus_two" / VERSION_FOLDER)
+    write_tf2(base / "half_plus_two_tf2" / VERSION_FOLDER)
+    return base
+
+
+@pytest.fixture(scope="session")
+def hp_server(half_plus_two_base):
+    """An in-process server for the half_plus_two models: gRPC, REST and Prometheus on free ports."""
+    from kvlm.serving import ModelConfig, Server, ServerOptions
+
+    options = ServerOptions(
+        [ModelConfig(name, half_plus_two_base / name, labels={"stable": 123}) for name in ("half_plus_two", "half_plus_two_tf2")],
+        port=0, rest_api_port=0, prometheus_path="/monitoring/prometheus/metrics", file_system_poll_wait_seconds=0,
+    )
+    server = Server(options)
+    server.start()
+    yield server
+    server.stop(grace=1)

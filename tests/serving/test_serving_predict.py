@@ -36,14 +36,14 @@ def make_request(images, texts, model="kvlm", signature="serving_default", versi
 
 
 def test_predict_answers_a_batch(stub, examples, exported):
-    from kvlm.training.run import load_run
+    from kvlm.runs import load_run
 
     images, texts = examples
     response = stub.Predict(make_request(images[:3], texts[:3]), timeout=60)
     assert response.model_spec.name == "kvlm" and response.model_spec.version.value == 1
     assert response.model_spec.signature_name == "serving_default"
     outputs = {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
-    answers = load_run(exported[0])[2]
+    answers = load_run(exported[0]).answers
     assert outputs["scores"].shape == (3, len(answers))
     np.testing.assert_allclose(outputs["scores"].sum(-1), 1.0, rtol=1e-5)
     assert [a.decode() for a in outputs["answer"]] == [answers[i] for i in outputs["scores"].argmax(-1)]
