@@ -75,14 +75,14 @@ def parameter_counts(model: keras.Model, top_k: int) -> dict:
         return {"total": total, "active_per_token": [total, total]}
     inactive_min = inactive_max = 0
     for _, moe in blocks:
-        sizes = sorted(count(layer.trainable_weights) for layer in moe.expert_layers)
+        sizes = sorted(count(layer.trainable_weights) for layer in moe.bank.expert_layers)
         # Active: the router and the top_k experts a token goes to (smallest or largest ones).
         inactive_max += sum(sizes) - sum(sizes[:top_k])
         inactive_min += sum(sizes) - sum(sizes[-top_k:])
     return {
         "total": total,
         "active_per_token": [total - inactive_max, total - inactive_min],
-        "experts": {name: count(layer.trainable_weights) for name, layer in zip(moe.expert_names, moe.expert_layers)},
+        "experts": {name: count(layer.trainable_weights) for name, layer in zip(moe.expert_names, moe.bank.expert_layers)},
         "router": int(np.prod(moe.router_kernel.shape)),
     }
 

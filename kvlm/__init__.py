@@ -17,7 +17,7 @@ _SUBMODULES = ("data", "experts", "export", "layers", "models", "serving", "test
 _LAZY = {
     "DatasetSpec": "kvlm.experts.spec",
     "ExpertSpec": "kvlm.experts.spec",
-    "load_model": "kvlm.experts.manager",
+    "load_model": "kvlm.experts.saving",
 }
 
 

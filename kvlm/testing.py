@@ -16,6 +16,7 @@ import inspect
 import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
+from importlib import metadata
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -24,7 +25,9 @@ import keras
 import numpy as np
 import pluggy
 
-from kvlm.experts import hookspecs
+from kvlm.experts import available, broken, datasets, hookspecs
+from kvlm.experts.factory import ensure_built
+from kvlm.experts.saving import load_model
 from kvlm.experts.spec import DatasetSpec, ExpertSpec
 
 
@@ -63,7 +66,8 @@ def check_expert(
     """Checks that an expert fits kvlm's sparse Mixture-of-Experts layer.
 
     Verifies that the layer maps `(batch, tokens, d_model)` to the same shape (also
-    through `compute_output_shape` and a functional model), works token by token on a
+    for a symbolic input, as in a functional model; `compute_output_shape` is optional
+    when Keras can trace `call`), works token by token on a
     `(capacity, d_model)` slice as the MoE dispatch calls it, round-trips `get_config`
     and Keras serialization (it must be a registered serializable), saves and loads as
     `.keras` with identical outputs, and that every trainable weight gets a gradient.
@@ -90,9 +94,9 @@ def check_expert(
         _fail(f"{name} must keep the input shape {x.shape}. Received output shape {y.shape}")
     if not np.all(np.isfinite(y)):
         _fail(f"{name} produced non-finite outputs")
-    declared = tuple(layer.compute_output_shape((None, tokens, d_model)))
+    declared = _symbolic_output_shape(layer, (None, tokens, d_model))
     if declared != (None, tokens, d_model):
-        _fail(f"{name}.compute_output_shape((None, {tokens}, {d_model})) returned {declared}")
+        _fail(f"{name} maps a symbolic input of shape (None, {tokens}, {d_model}) to shape {declared}")
 
     # Token-wise on a dispatch slice: (capacity, d_model), the same outputs as batched.
     flat = x.reshape(-1, d_model)[:capacity]
@@ -108,6 +112,18 @@ def check_expert(
     return layer
 
 
+def _symbolic_output_shape(layer: keras.layers.Layer, shape: tuple) -> tuple:
+    """The output shape Keras infers for a symbolic input (from `compute_output_shape`, else by tracing `call`)."""
+    try:
+        return tuple(layer.compute_output_spec(keras.KerasTensor(shape)).shape)
+    except Exception as error:
+        _fail(
+            f"{type(layer).__name__}: Keras cannot infer the output shape of a symbolic input {shape} "
+            f"({type(error).__name__}: {error}). Add `def compute_output_shape(self, input_shape): "
+            "return input_shape` and a `build()` that creates the weights, or subclass kvlm.experts.layer.ExpertLayer"
+        )
+
+
 def _check_config(layer: keras.layers.Layer, x: np.ndarray, y: np.ndarray, atol: float) -> None:
     name = type(layer).__name__
     config = layer.get_config()
@@ -120,8 +136,7 @@ def _check_config(layer: keras.layers.Layer, x: np.ndarray, y: np.ndarray, atol:
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
     if type(restored) is not type(layer) or restored.get_config() != config:
         _fail(f"{name} did not survive keras.saving serialize/deserialize")
-    if not restored.built:
-        restored.build(x.shape)
+    ensure_built(restored, x.shape[-1])
     shapes = [tuple(w.shape) for w in restored.weights]
     expected = [tuple(w.shape) for w in layer.weights]
     if shapes != expected:
@@ -132,8 +147,6 @@ def _check_config(layer: keras.layers.Layer, x: np.ndarray, y: np.ndarray, atol:
 
 
 def _check_saving(layer, x, y, tokens: int, d_model: int, tmp_path, atol: float) -> None:
-    from kvlm.experts.manager import load_model
-
     name = type(layer).__name__
     model = _wrap(layer, tokens, d_model)
     with tempfile.TemporaryDirectory() as scratch:
@@ -265,10 +278,15 @@ def check_plugin(
     d_model: int = 16,
     tmp_path: str | Path | None = None,
     dataset_size: int = 200,
+    distribution: str | None = None,
 ) -> dict[str, list]:
     """Registers a plugin module with a fresh pluggy manager, checks that its hooks return
     `ExpertSpec`s / `DatasetSpec`s with unique names, and runs `check_expert` and
-    `check_dataset` on each. Returns `{"experts": [...specs], "datasets": [...specs]}`."""
+    `check_dataset` on each. With `distribution` (its pip name), also checks that the
+    installed distribution's entry point provides them to `kvlm.experts.available()` /
+    `datasets()` under that name and version.
+
+    Returns `{"experts": [...specs], "datasets": [...specs]}`."""
     manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
     manager.add_hookspecs(hookspecs)
     manager.register(module)
@@ -294,8 +312,24 @@ def check_plugin(
         found[key] = specs
     if not found["experts"] and not found["datasets"]:
         _fail("the plugin registers no experts and no datasets; are its hooks marked with @kvlm.hookimpl?")
+    if distribution is not None:
+        _check_discovered(found, distribution)
     for spec in found["experts"]:
         check_expert(spec, d_model=d_model, tmp_path=tmp_path)
     for spec in found["datasets"]:
         check_dataset(spec, size=dataset_size)
     return found
+
+
+def _check_discovered(found: dict[str, list], distribution: str) -> None:
+    version = metadata.version(distribution)
+    for key, discovered in (("experts", available()), ("datasets", datasets())):
+        for spec in found[key]:
+            info = discovered.get(spec.name)
+            if info is None or (info.distribution, info.version) != (distribution, version):
+                reasons = [str(r) for r in broken() if r.distribution == distribution]
+                _fail(
+                    f"{spec.name!r} is not discovered from {distribution} {version}: "
+                    f"found {info and (info.distribution, info.version)}. Declare the module under "
+                    f"[project.entry-points.kvlm] and reinstall. Broken: {reasons or 'none'}"
+                )

@@ -1,35 +1,36 @@
-"""The expert plugin contract: specs, hooks, discovery and loading.
+"""The expert plugin contract: specs, hooks, discovery, building and loading.
 
 Plugins declare an entry point in the group "kvlm" whose module implements
 `kvlm_register_experts()` (and optionally `kvlm_register_datasets()`) marked with
-`kvlm.hookimpl`. See docs/plugins.md.
+`kvlm.hookimpl`. The plugin kit: `Reference` (lazy `"module:attr"` builders),
+`kvlm.experts.layer.ExpertLayer` (the base expert layer) and
+`kvlm.experts.procedural.ProceduralDataset`. See docs/plugins.md.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from kvlm.experts.manager import (
+from kvlm.experts.discovery import (
     ALLOW_ENV,
     DENY_ENV,
     ENTRY_POINT_GROUP,
     FIRST_PARTY_EXPERTS,
     DatasetInfo,
     ExpertInfo,
-    ExpertNotFoundError,
     PluginReport,
     Registry,
     available,
     broken,
-    build_expert,
     datasets,
     discover,
     distribution_for,
     get_plugin_manager,
-    load_model,
     refresh,
     registry,
 )
+from kvlm.experts.factory import build_expert, find_expert
+from kvlm.experts.messages import ExpertNotFoundError
+from kvlm.experts.reference import Reference
+from kvlm.experts.saving import load_model
 from kvlm.experts.spec import DatasetSpec, ExpertSpec
 
 __all__ = [
@@ -42,8 +43,8 @@ __all__ = [
     "ExpertInfo",
     "ExpertNotFoundError",
     "ExpertSpec",
-    "FFNExpert",
     "PluginReport",
+    "Reference",
     "Registry",
     "available",
     "broken",
@@ -51,17 +52,9 @@ __all__ = [
     "datasets",
     "discover",
     "distribution_for",
+    "find_expert",
     "get_plugin_manager",
     "load_model",
     "refresh",
     "registry",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    """`FFNExpert` imports keras, so it is loaded on first use."""
-    if name == "FFNExpert":
-        from kvlm.experts.builtin import FFNExpert
-
-        return FFNExpert
-    raise AttributeError(f"module 'kvlm.experts' has no attribute {name!r}")

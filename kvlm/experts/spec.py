@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from kvlm.experts.reference import callable_or_reference
+
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]*$")
 
 
@@ -32,7 +34,9 @@ class ExpertSpec:
         name: Unique registry name, e.g. `"medical"`.
         domain: What the expert specialises in, e.g. `"medical"`.
         build: Called as `build(d_model=..., **options)`; returns a Keras layer mapping
-            `(..., tokens, d_model)` to the same shape, token by token.
+            `(..., tokens, d_model)` to the same shape, token by token. A
+            `"module:attr"` string (e.g. `"kvlm_medical.layers:MedicalExpert"`) is
+            imported on first call, so registering costs no Keras import.
         version: The expert's own version.
         description: One line shown by `kvlm experts list --json`.
         vocabulary: Domain words added to the tokenizer.
@@ -42,7 +46,7 @@ class ExpertSpec:
 
     name: str
     domain: str
-    build: Callable[..., Any]
+    build: Callable[..., Any] | str
     version: str = "0"
     description: str = ""
     vocabulary: tuple[str, ...] = ()
@@ -51,8 +55,7 @@ class ExpertSpec:
     def __post_init__(self):
         _check_name("ExpertSpec", self.name)
         _check_text("ExpertSpec", "domain", self.domain, allow_empty=False)
-        if not callable(self.build):
-            raise ValueError(f"`ExpertSpec.build` must be callable. Received: build={self.build!r}")
+        object.__setattr__(self, "build", callable_or_reference("ExpertSpec", "build", self.build))
         _check_text("ExpertSpec", "version", self.version, allow_empty=False)
         _check_text("ExpertSpec", "description", self.description)
         if isinstance(self.vocabulary, str) or not all(isinstance(w, str) and w for w in self.vocabulary):
@@ -75,17 +78,17 @@ class DatasetSpec:
         domain: The domain every example carries in `Example.domain`.
         description: One line shown by `kvlm experts list --json`.
         load: Called as `load(split, size, seed)` (optionally with `image_size=`); returns
-            a list of `kvlm.data.Example` with uint8 `(H, W, 3)` images.
+            a list of `kvlm.data.Example` with uint8 `(H, W, 3)` images. A `"module:attr"`
+            string is imported on first call.
     """
 
     name: str
     domain: str
     description: str
-    load: Callable[..., list]
+    load: Callable[..., list] | str
 
     def __post_init__(self):
         _check_name("DatasetSpec", self.name)
         _check_text("DatasetSpec", "domain", self.domain, allow_empty=False)
         _check_text("DatasetSpec", "description", self.description)
-        if not callable(self.load):
-            raise ValueError(f"`DatasetSpec.load` must be callable. Received: load={self.load!r}")
+        object.__setattr__(self, "load", callable_or_reference("DatasetSpec", "load", self.load))

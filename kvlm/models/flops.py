@@ -82,12 +82,12 @@ def _moe_flops(layer, input_shape) -> int:
     tokens = _tokens(input_shape)
     d_model = int(input_shape[-1])
     router = tokens * 2 * d_model * int(layer.router_kernel.shape[-1])
-    if layer.expert_layers:
-        per_expert = np.mean([_layer_flops(e, (1, tokens, d_model)) for e in layer.expert_layers])
+    if layer.bank.expert_layers:
+        per_expert = np.mean([_layer_flops(e, (1, tokens, d_model)) for e in layer.bank.expert_layers])
         experts = int(round(layer.top_k * per_expert))
     else:
         # Built-in experts: stacked (E, d, h) and (E, h, d) kernels with biases.
-        hidden = int(layer.inner_kernel.shape[-1])
+        hidden = int(layer.bank.inner_kernel.shape[-1])
         per_token = 2 * d_model * hidden + hidden + 2 * hidden * d_model + d_model
         experts = tokens * layer.top_k * per_token
     shared = _layer_flops(layer.shared_ffn, input_shape) if getattr(layer, "shared_expert", False) else 0
@@ -207,10 +207,10 @@ def count_parameters(model: keras.layers.Layer) -> dict[str, int]:
     total = _size(model.weights)
     inactive = 0.0
     for moe in _moe_layers(model):
-        if moe.expert_layers:
-            sizes = [_size(expert.weights) for expert in moe.expert_layers]
+        if moe.bank.expert_layers:
+            sizes = [_size(expert.weights) for expert in moe.bank.expert_layers]
         else:
-            per_expert = sum(_size([w]) for w in (moe.inner_kernel, moe.inner_bias, moe.outer_kernel, moe.outer_bias))
+            per_expert = _size(moe.bank.weights)
             sizes = [per_expert // moe.num_experts] * moe.num_experts
         inactive += (len(sizes) - min(moe.top_k, len(sizes))) * float(np.mean(sizes))
     return {

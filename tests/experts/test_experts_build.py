@@ -12,7 +12,7 @@ import pytest
 import kvlm
 import kvlm.testing
 from kvlm import experts
-from kvlm.experts import manager
+from kvlm.experts import discovery, factory
 
 
 @pytest.mark.parametrize("name", ["ffn", "medical", "legal", "retail"])
@@ -46,7 +46,7 @@ def test_unknown_expert_lists_what_is_available(clean_env):
 
 
 def test_missing_first_party_expert_says_what_to_install(clean_env):
-    clean_env.setitem(manager.FIRST_PARTY_EXPERTS, "dermatology", "kvlm-dermatology")
+    clean_env.setitem(discovery.FIRST_PARTY_EXPERTS, "dermatology", "kvlm-dermatology")
     with pytest.raises(experts.ExpertNotFoundError, match="pip install kvlm-dermatology") as info:
         experts.build_expert("dermatology", d_model=8)
     assert info.value.distribution == "kvlm-dermatology"
@@ -70,12 +70,12 @@ def test_shipped_weights_are_loaded(clean_env, tmp_path):
     keras.saving.save_weights(source, path)
     spec = kvlm.ExpertSpec("legal", "legal", experts.available()["legal"].spec.build, weights=str(path))
     layer = experts.build_expert("legal", d_model=8)
-    manager._load_shipped_weights(layer, manager.ExpertInfo(spec, "kvlm-legal", "0.1.0"), 8)
+    factory.load_shipped_weights(layer, discovery.ExpertInfo(spec, "kvlm-legal", "0.1.0"), 8)
     for got, want in zip(layer.get_weights(), source.get_weights()):
         np.testing.assert_array_equal(got, want)
-    bad = manager.ExpertInfo(dataclass_replace(spec, weights=str(tmp_path / "missing.weights.h5")), "x", "0")
+    bad = discovery.ExpertInfo(dataclass_replace(spec, weights=str(tmp_path / "missing.weights.h5")), "x", "0")
     with pytest.raises(ValueError, match="Could not load the weights shipped with expert 'legal'"):
-        manager._load_shipped_weights(experts.build_expert("legal", d_model=8), bad, 8)
+        factory.load_shipped_weights(experts.build_expert("legal", d_model=8), bad, 8)
 
 
 def dataclass_replace(spec, **changes):
@@ -129,7 +129,7 @@ print(json.dumps({{"plain": plain, "same": bool(np.allclose(y, np.load({str(tmp_
 def test_load_model_names_the_missing_distribution(clean_env, tmp_path):
     path = tmp_path / "medical.keras"
     _save_expert_model(path)
-    clean_env.setitem(manager.FIRST_PARTY_EXPERTS, "dermatology", "kvlm-dermatology")
+    clean_env.setitem(discovery.FIRST_PARTY_EXPERTS, "dermatology", "kvlm-dermatology")
     missing = _rename_package(path, "kvlm_medical", "kvlm_dermatology")
     with pytest.raises(ImportError, match="'kvlm_dermatology>MedicalExpert'.*pip install kvlm-dermatology"):
         kvlm.load_model(missing)

@@ -16,14 +16,21 @@ def test_list_prints_a_table(kvlm_cli):
 
 
 def test_list_json(experts_json):
-    data = experts_json()
+    # The faulty fixture plugins another test module may have installed are denied, so
+    # exactly the first-party plugins and the built-in expert are left.
+    data = experts_json(env={"KVLM_DISABLE_PLUGINS": "kvlm-broken-fixture,kvlm-clash-fixture,kvlm-badspec-fixture"})
     experts = {e["name"]: e for e in data["experts"]}
-    assert experts["medical"]["distribution"] == "kvlm-medical"
-    assert experts["medical"]["version"] == metadata.version("kvlm-medical")
-    assert experts["legal"]["domain"] == "legal" and experts["retail"]["vocabulary_size"] > 0
+    assert sorted(experts) == ["ffn", "legal", "medical", "retail"]
+    for name in ("medical", "legal", "retail"):
+        assert experts[name]["distribution"] == f"kvlm-{name}" and experts[name]["domain"] == name
+        assert experts[name]["version"] == metadata.version(f"kvlm-{name}")
+        assert experts[name]["vocabulary_size"] >= 16 and experts[name]["description"]
+    assert (experts["ffn"]["distribution"], experts["ffn"]["vocabulary_size"]) == ("kvlm", 0)
     datasets = {d["name"]: d["distribution"] for d in data["datasets"]}
-    assert datasets["retail_shelves"] == "kvlm-retail"
-    assert isinstance(data["broken"], list)
+    assert datasets == {
+        "legal_documents": "kvlm-legal", "medical_scans": "kvlm-medical", "retail_shelves": "kvlm-retail",
+    }
+    assert data["broken"] == []
 
 
 def test_list_honours_the_allow_list(experts_json):

@@ -39,6 +39,31 @@ class ForgetsConfig(FFNExpert):
         return config
 
 
+@keras.saving.register_keras_serializable(package="kvlm_testing_fixtures")
+class ContractOnly(keras.layers.Layer):
+    """Written only against the documented contract: no compute_output_shape, no kvlm base class."""
+
+    def __init__(self, d_model, **kwargs):
+        super().__init__(**kwargs)
+        self.d_model = d_model
+        self.dense = keras.layers.Dense(d_model)
+
+    def call(self, x):
+        return self.dense(x)
+
+    def get_config(self):
+        return {**super().get_config(), "d_model": self.d_model}
+
+
+@keras.saving.register_keras_serializable(package="kvlm_testing_fixtures")
+class NeedsConcreteShapes(ContractOnly):
+    """Flattens with Python ints taken from the input shape: runs eagerly, cannot be traced symbolically."""
+
+    def call(self, x):
+        flat = ops.reshape(x, (int(np.prod(x.shape[:-1])), self.d_model))
+        return ops.reshape(self.dense(flat), x.shape)
+
+
 class Unregistered(FFNExpert):
     pass
 
@@ -51,6 +76,20 @@ class ChangesShape(FFNExpert):
 def test_good_expert_passes(tmp_path):
     layer = kvlm.testing.check_expert(FFNExpert, d_model=8, options={"hidden_dim": 6}, tmp_path=tmp_path)
     assert isinstance(layer, FFNExpert) and list(tmp_path.glob("*.keras"))
+
+
+# Keras warns when it rebuilds a layer without build() from a saved build config.
+@pytest.mark.filterwarnings("ignore:`build\\(\\)` was called on layer")
+def test_expert_without_compute_output_shape_passes():
+    assert "compute_output_shape" not in vars(ContractOnly)
+    layer = kvlm.testing.check_expert(ContractOnly, d_model=8)
+    assert isinstance(layer, ContractOnly) and layer.count_params() == 8 * 8 + 8
+
+
+def test_untraceable_expert_is_told_to_add_compute_output_shape():
+    with pytest.raises(AssertionError, match=r"(?s)NeedsConcreteShapes: Keras cannot infer the output shape.*"
+                                             r"Add `def compute_output_shape\(self, input_shape\)"):
+        kvlm.testing.check_expert(NeedsConcreteShapes, d_model=8)
 
 
 @pytest.mark.filterwarnings("ignore:Gradients do not exist")

@@ -2,19 +2,10 @@
 
 import numpy as np
 import pytest
-from keras import ops
+from moe_reference import softmax as _softmax
+from moe_reference import to_numpy as _np
 
 from kvlm.layers.moe import router as R
-
-
-def _np(x):
-    return np.asarray(ops.convert_to_numpy(x))
-
-
-def _softmax(z):
-    z = z - z.max(-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(-1, keepdims=True)
 
 
 def _greedy(probs, mask, k, capacity, bpr):

@@ -1,29 +1,21 @@
 """SparseMoE layer: numerics against dense references, dropping, gradients, losses, saving, jit."""
 
 import math
-import sys
-import types
 
 import keras
 import numpy as np
 import pytest
-from keras import ops
+from moe_reference import softmax as _softmax
+from moe_reference import to_numpy as _np
 
+import kvlm
+from kvlm.experts import ExpertNotFoundError, available
 from kvlm.layers import FusionBlock
 from kvlm.layers.moe import SparseMoE
+from kvlm.layers.moe.banks import FFNBank, LayerBank, PluginBank
 
 BACKEND = keras.backend.backend()
 _erf = np.vectorize(math.erf)
-
-
-def _np(x):
-    return np.asarray(ops.convert_to_numpy(x))
-
-
-def _softmax(z):
-    z = z - z.max(-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(-1, keepdims=True)
 
 
 def _gelu(x):
@@ -32,7 +24,8 @@ def _gelu(x):
 
 def _all_experts(layer, x_flat):
     """Every built-in expert on every token: `(E, tokens, d)`."""
-    w1, b1, w2, b2 = (_np(v) for v in (layer.inner_kernel, layer.inner_bias, layer.outer_kernel, layer.outer_bias))
+    bank = layer.bank
+    w1, b1, w2, b2 = (_np(v) for v in (bank.inner_kernel, bank.inner_bias, bank.outer_kernel, bank.outer_bias))
     hidden = _gelu(np.einsum("td,edh->eth", x_flat, w1) + b1[:, None])
     return np.einsum("eth,ehd->etd", hidden, w2) + b2[:, None]
 
@@ -253,7 +246,8 @@ def test_expert_choice_layer_parity_with_tf_models():
     dispatch_mask = routed.dispatch_mask.numpy()[0]  # (tokens, experts, capacity)
     combine = routed.combine_array.numpy()[0]
     expert_in = np.einsum("tec,td->ecd", dispatch_mask, x.reshape(16, 8))
-    w1, b1, w2, b2 = (_np(v) for v in (layer.inner_kernel, layer.inner_bias, layer.outer_kernel, layer.outer_bias))
+    bank = layer.bank
+    w1, b1, w2, b2 = (_np(v) for v in (bank.inner_kernel, bank.inner_bias, bank.outer_kernel, bank.outer_bias))
     expert_out = np.einsum("ech,ehd->ecd", _gelu(np.einsum("ecd,edh->ech", expert_in, w1) + b1[:, None]), w2)
     expert_out = expert_out + b2[:, None]
     expected = np.einsum("tec,ecd->td", combine, expert_out).reshape(x.shape)
@@ -389,7 +383,7 @@ def test_jit_matches_eager():
         pytest.skip("no jit path is exercised on the torch backend")
 
 
-# ----------------------------------------------------------------------------- plugin experts
+# ----------------------------------------------------------------------------- expert banks
 
 
 @keras.saving.register_keras_serializable(package="kvlm_test")
@@ -397,88 +391,93 @@ class _ScaledDense(keras.layers.Dense):
     pass
 
 
-class _Info:
-    def __init__(self, distribution):
-        self.distribution = distribution
-
-
-@pytest.fixture
-def fake_registry(monkeypatch):
-    """A stand-in `kvlm.experts` with three experts from two distributions."""
-    installed = {"medical": "kvlm-medical", "legal": "kvlm-legal", "retail": "kvlm-legal"}
-    activations = {"medical": "tanh", "legal": "relu", "retail": None}
-    module = types.ModuleType("kvlm.experts")
-
-    def available():
-        return {name: _Info(dist) for name, dist in installed.items()}
-
-    def build_expert(name, d_model, **options):
-        if name not in installed:
-            raise KeyError(f"Unknown expert {name!r}.")
-        return _ScaledDense(d_model, activation=activations[name], name=f"expert_{name}", **options)
-
-    module.available, module.build_expert = available, build_expert
-    monkeypatch.setitem(sys.modules, "kvlm.experts", module)
-    return installed
-
-
-def test_plugin_experts_each_run_on_their_slice(fake_registry, tmp_path):
-    x, mask = _inputs()
-    layer = SparseMoE(
-        ["legal", "medical", "retail"], top_k=2, eval_capacity_factor=None,
-        expert_options={"retail": {"use_bias": False}}, name="moe",
-    )
-    y = _np(layer(x, mask=mask))
-    config = layer.get_config()
-    assert config["experts"] == ["legal", "medical", "retail"]
-    assert config["expert_distributions"] == {"legal": "kvlm-legal", "medical": "kvlm-medical", "retail": "kvlm-legal"}
-    assert layer.expert_layers[2].bias is None
-    x_flat = x.reshape(-1, 8)
-    outputs = np.stack([_np(e(x_flat)) for e in layer.expert_layers])
+def _slice_reference(layer, x, mask, k):
+    """Each bank layer on every token, mixed with the top-k router weights."""
+    x_flat = x.reshape(-1, x.shape[-1])
+    outputs = np.stack([_np(e(x_flat)) for e in layer.bank.expert_layers])
     probs = _softmax(x_flat @ _np(layer.router_kernel))
-    index = np.argsort(-probs, 1)[:, :2]
+    index = np.argsort(-probs, 1)[:, :k]
     weights = np.zeros_like(probs)
     np.put_along_axis(weights, index, np.take_along_axis(probs, index, 1), 1)
-    expected = np.einsum("te,etd->td", weights, outputs) * mask.reshape(-1, 1)
-    np.testing.assert_allclose(y.reshape(-1, 8), expected, atol=2e-5)
+    return (np.einsum("te,etd->td", weights, outputs) * mask.reshape(-1, 1)).reshape(x.shape)
+
+
+def test_layer_bank_experts_each_run_on_their_slice(tmp_path):
+    x, mask = _inputs()
+    experts = [
+        _ScaledDense(8, activation="relu", name="legal"),
+        _ScaledDense(8, activation="tanh", name="medical"),
+        _ScaledDense(8, use_bias=False, name="retail"),
+    ]
+    layer = SparseMoE(LayerBank(experts), top_k=2, eval_capacity_factor=None, name="moe")
+    assert layer.expert_names == ["legal", "medical", "retail"] and not layer.built
+    y = _np(layer(x, mask=mask))
+    np.testing.assert_allclose(y, _slice_reference(layer, x, mask, 2), atol=2e-5)
+    config = layer.get_config()
+    assert config["experts"]["class_name"] == "LayerBank" and config["expert_distributions"] == {}
+    assert SparseMoE.from_config(config).get_config() == config
 
     model = keras.Sequential([keras.Input((6, 8)), layer])
-    path = str(tmp_path / "plugin.keras")
+    path = str(tmp_path / "bank.keras")
     model.save(path)
     np.testing.assert_allclose(_np(keras.saving.load_model(path)(x)), _np(model(x)), atol=1e-6)
 
 
-def test_installed_and_missing_plugin(fake_registry):
+def test_plugin_bank_builds_named_experts_and_saves_them_by_name(tmp_path):
+    x, mask = _inputs()
+    layer = SparseMoE(
+        ["legal", "medical", "retail"], top_k=2, eval_capacity_factor=None,
+        expert_options={"legal": {"rank": 2}}, name="moe",
+    )
+    assert isinstance(layer.bank, PluginBank) and layer.num_experts == 3  # resolved before build
+    y = _np(layer(x, mask=mask))
+    legal, medical, retail = layer.bank.expert_layers
+    assert (type(legal).__name__, legal.rank, type(retail).__name__) == ("LegalExpert", 2, "RetailExpert")
+    np.testing.assert_allclose(y, _slice_reference(layer, x, mask, 2), atol=2e-5)
+    config = layer.get_config()
+    assert config["experts"] == ["legal", "medical", "retail"]
+    assert config["expert_distributions"] == {"legal": "kvlm-legal", "medical": "kvlm-medical", "retail": "kvlm-retail"}
+
+    model = keras.Sequential([keras.Input((6, 8)), layer])
+    path = tmp_path / "plugins.keras"
+    model.save(path)
+    np.testing.assert_allclose(_np(kvlm.load_model(path)(x)), _np(model(x)), atol=1e-6)
+
+
+def test_installed_experts_and_a_missing_plugin():
     layer = SparseMoE("installed", top_k=1)
-    layer.build((None, 8))
-    assert layer.expert_names == ["legal", "medical", "retail"]
-    assert layer.get_config()["experts"] == ["legal", "medical", "retail"]
+    assert layer.expert_names == sorted(available()) and len(layer.expert_names) >= 4
     config = layer.get_config()
-    del fake_registry["medical"]  # the plugin is uninstalled; the saved config still names it
-    with pytest.raises(KeyError, match="pip install kvlm-medical"):
-        SparseMoE.from_config(config).build((None, 8))
-    fake_registry.clear()
-    with pytest.raises(ValueError, match="no installed kvlm expert plugins"):
-        SparseMoE("installed").build((None, 8))
-
-
-def test_installed_experts_from_the_plugin_registry():
-    if BACKEND == "jax":
-        pytest.skip("plugin layers are slow to initialize on eager JAX; the named-expert path runs on all backends")
-    experts = pytest.importorskip("kvlm.experts")
-    installed = experts.available()
-    if len(installed) < 2:
-        pytest.skip("fewer than two kvlm experts are installed")
-    layer = SparseMoE("installed", top_k=2)
-    layer.build((None, 6, 32))
-    assert len(layer.expert_layers) == len(installed)
-    assert layer.expert_names == sorted(installed)
-    assert layer.get_config()["expert_distributions"] == {n: i.distribution for n, i in installed.items()}
-    config = layer.get_config()
-    config["experts"] = config["experts"][:1] + ["ghost"]
+    assert config["expert_distributions"] == {n: i.distribution for n, i in available().items()}
+    config["experts"] = ["ffn", "ghost"]  # a saved model naming an expert whose plugin is gone
     config["expert_distributions"]["ghost"] = "acme-kvlm-experts"
-    with pytest.raises(LookupError, match="pip install acme-kvlm-experts"):
-        SparseMoE.from_config(config).build((None, 32))
+    with pytest.raises(ExpertNotFoundError, match="pip install acme-kvlm-experts"):
+        SparseMoE.from_config(config)
+    with pytest.raises(ExpertNotFoundError, match="pip install kvlm-dermatology|Unknown expert 'dermatology'"):
+        SparseMoE(["ffn", "dermatology"], top_k=1)
+
+
+def test_built_in_experts_are_one_ffn_bank():
+    layer = _moe(3, top_k=1, expert_hidden_dim=5)
+    assert isinstance(layer.bank, FFNBank) and layer.bank.expert_layers == []
+    assert [tuple(w.shape) for w in layer.bank.weights] == [(3, 8, 5), (3, 5), (3, 5, 8), (3, 8)]
+    assert layer.bank.inner_kernel.path.endswith("experts/inner_kernel")
+    assert layer.get_config()["experts"] == 3
+
+
+def test_aux_losses_are_part_of_the_training_loss():
+    """fit's loss is the task loss plus the layer's weighted aux losses (nothing silently off)."""
+    moe = _moe(4, top_k=1, expert_hidden_dim=16, load_balance_weight=1.0, z_loss_weight=1.0, name="moe")
+    inputs = keras.Input((6, 8))
+    model = keras.Model(inputs, keras.layers.Dense(1, kernel_initializer="ones")(moe(inputs)))
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.0), loss="mse")
+    x, _ = _inputs(batch=4)
+    target = np.zeros((4, 6, 1), "float32")
+    task = float(np.mean(_np(model(x, training=True)) ** 2))
+    aux = float(sum(_np(loss) for loss in model.losses))
+    assert len(model.losses) == 2 and aux > 1.0  # load balance >= 1 at its optimum, plus the z-loss
+    history = model.fit(x, target, batch_size=4, epochs=1, verbose=0, shuffle=False)
+    np.testing.assert_allclose(history.history["loss"][0], task + aux, rtol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -486,7 +485,7 @@ def test_installed_experts_from_the_plugin_registry():
     [
         (dict(experts=0), "experts=0"),
         (dict(experts="all"), "experts='all'"),
-        (dict(experts=["a", "a"]), "unique"),
+        (dict(experts=["ffn", "ffn"]), "unique"),
         (dict(experts=4, top_k=5), "top_k=5"),
         (dict(experts=4, router="random"), "router='random'"),
         (dict(experts=4, capacity_factor=0.0), "capacity_factor=0.0"),

@@ -44,9 +44,11 @@ def test_expert_parallel_needs_a_model_with_experts(tmp_path):
 def test_expert_layout_map_selects_only_stacked_expert_weights():
     mesh = keras.distribution.DeviceMesh((1, 1), ["batch", "model"], devices=keras.distribution.list_devices()[:1])
     layouts = expert_layout_map(mesh)
-    for path in ("fusion_block_1/moe_1/inner_kernel", "fusion_block_3/moe_3/outer_kernel", "sparse_moe/inner_kernel"):
+    for path in (
+        "fusion_block_1/moe_1/experts/inner_kernel", "fusion_block_3/moe_3/experts/outer_kernel", "sparse_moe/inner_kernel",
+    ):
         assert layouts[path].axes == ("model", None, None), path
-    for path in ("fusion_block_1/moe_1/inner_bias", "moe/outer_bias"):
+    for path in ("fusion_block_1/moe_1/experts/inner_bias", "moe/outer_bias"):
         assert layouts[path].axes == ("model", None), path
     # The float32 router ("router_kernel" ends in "outer_kernel"!), dense FFNs and the
     # shared expert stay replicated.
@@ -72,7 +74,7 @@ def test_expert_parallel_shards_expert_weights_and_matches_unsharded():
         variables = run_result["variables"]
         per_device = 4 // model
         for name, tail in (("inner_kernel", [32, 48]), ("outer_kernel", [48, 32]), ("inner_bias", [48])):
-            info = variables[f"fusion_block_1/moe_1/{name}"]
+            info = variables[f"fusion_block_1/moe_1/experts/{name}"]
             assert info["shape"] == [4, *tail]
             assert info["spec"] == ["model"] + [None] * len(tail)
             shards = info["shards"]

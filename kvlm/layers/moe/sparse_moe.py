@@ -9,7 +9,8 @@ import numpy as np
 from keras import ops
 
 from kvlm.layers.moe import router as routing_lib
-from kvlm.layers.moe.dispatch import builtin_experts_forward, combine, dispatch
+from kvlm.layers.moe.banks import ExpertBank, FFNBank, PluginBank
+from kvlm.layers.moe.dispatch import combine, dispatch
 
 ROUTERS = ("tokens_choose", "experts_choose")
 
@@ -27,12 +28,17 @@ class SparseMoE(keras.layers.Layer):
     the surrounding residual passes them through. Padding tokens (mask False)
     are never routed and never count in losses or statistics.
 
+    The experts are a bank (`kvlm.layers.moe.banks`), resolved from `experts` when
+    the layer is made: an `FFNBank` for an int, a `PluginBank` for names, or the
+    `ExpertBank` given.
+
     Args:
         experts: An int (that many built-in GELU FFN experts, computed with one
             batched matmul over stacked `(E, d, h)` / `(E, h, d)` weights), a list
-            of expert names from `kvlm.experts`, or `"installed"` (every
-            discovered expert). Named experts are built in `build()` with
-            `kvlm.experts.build_expert` and each runs on its own token slice.
+            of expert names from `kvlm.experts`, `"installed"` (every discovered
+            expert), or an `ExpertBank` (e.g. a `LayerBank` of your own layers).
+            Named experts are built in `build()` with `kvlm.experts.build_expert`
+            and each runs on its own token slice.
         top_k: Experts per token (1 = Switch, 2 = GShard / V-MoE). For
             `"experts_choose"` it is the average number of experts per token
             used to size the capacity.
@@ -54,8 +60,8 @@ class SparseMoE(keras.layers.Layer):
             `text_global`. 0 is off. Uses the `modality` ids of `call`.
         activation: Activation of the built-in and shared experts.
         expert_options: Dict expert name -> keyword options for `build_expert`.
-        expert_distributions: Dict expert name -> pip distribution; filled in
-            `build()` for named experts and kept in the config so that a missing
+        expert_distributions: Dict expert name -> pip distribution; filled from
+            discovery for named experts and kept in the config so that a missing
             plugin gives a `pip install` hint.
         kernel_initializer: Initializer of the built-in expert kernels.
         router_initializer: Initializer of the float32 router kernel.
@@ -101,28 +107,18 @@ class SparseMoE(keras.layers.Layer):
         if isinstance(experts, tuple):
             experts = list(experts)
         if isinstance(experts, bool) or not (
-            isinstance(experts, int) or isinstance(experts, list) or experts == "installed"
+            isinstance(experts, (int, list, ExpertBank)) or experts == "installed"
         ):
             raise ValueError(
-                '`experts` must be an int, a list of expert names or "installed". '
+                '`experts` must be an int, a list of expert names, "installed" or an ExpertBank. '
                 f"Received: experts={experts!r}"
             )
         if isinstance(experts, int) and experts < 1:
             raise ValueError(f"`experts` must be >= 1. Received: experts={experts}")
-        if isinstance(experts, list):
-            if not experts or not all(isinstance(n, str) and n for n in experts):
-                raise ValueError(f"`experts` must be a non-empty list of names. Received: experts={experts!r}")
-            if len(set(experts)) != len(experts):
-                raise ValueError(f"`experts` names must be unique. Received: experts={experts!r}")
         if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
             raise ValueError(f"`top_k` must be an int >= 1. Received: top_k={top_k!r}")
         if router not in ROUTERS:
             raise ValueError(f"`router` must be one of {ROUTERS}. Received: router={router!r}")
-        known = experts if isinstance(experts, int) else len(experts) if isinstance(experts, list) else None
-        if router == "tokens_choose" and known is not None and top_k > known:
-            raise ValueError(
-                f"`top_k` must be <= the number of experts. Received: top_k={top_k}, experts={experts!r}"
-            )
         for arg, value in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
             if value is not None and not value > 0:
                 raise ValueError(f"`{arg}` must be > 0 or None. Received: {arg}={value!r}")
@@ -143,8 +139,20 @@ class SparseMoE(keras.layers.Layer):
                 f"`activation` must be the name of a Keras activation. Received: activation={activation!r}"
             )
         keras.activations.get(activation)
+        kernel_initializer = keras.initializers.get(kernel_initializer)
+        if isinstance(experts, ExpertBank):
+            self.bank = experts
+        elif isinstance(experts, int):
+            self.bank = FFNBank(experts, expert_hidden_dim, activation, kernel_initializer, dtype=self.dtype_policy,
+                                name="experts")
+        else:
+            self.bank = PluginBank(experts, expert_options, expert_distributions, name="experts")
+        if router == "tokens_choose" and top_k > self.bank.num_experts:
+            raise ValueError(
+                f"`top_k` must be <= the number of experts. Received: top_k={top_k}, experts={self.bank.expert_names}"
+            )
 
-        self.experts = experts
+        self.experts = None if isinstance(experts, ExpertBank) else experts  # None: see `bank`
         self.top_k = top_k
         self.router = router
         self.capacity_factor = capacity_factor
@@ -159,15 +167,10 @@ class SparseMoE(keras.layers.Layer):
         self.entropy_weights = entropy_weights
         self.activation = activation
         self.expert_options = dict(expert_options or {})
-        self.expert_distributions = dict(expert_distributions or {})
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.kernel_initializer = kernel_initializer
         self.router_initializer = keras.initializers.get(router_initializer)
         self.seed = seed
-        self._expert_names = [f"expert_{i}" for i in range(experts)] if isinstance(experts, int) else (
-            list(experts) if isinstance(experts, list) else None
-        )
         self.seed_generator = keras.random.SeedGenerator(seed) if noisy_gating else None
-        self.expert_layers = []
 
     @staticmethod
     def _validate_entropy_weights(entropy_weights) -> dict[str, float]:
@@ -186,14 +189,13 @@ class SparseMoE(keras.layers.Layer):
         raise ValueError(f"`entropy_weights` must be a float or a dict. Received: entropy_weights={entropy_weights!r}")
 
     @property
-    def num_experts(self) -> int | None:
-        """Number of experts (None for `"installed"` before `build()`)."""
-        return None if self._expert_names is None else len(self._expert_names)
+    def num_experts(self) -> int:
+        return self.bank.num_experts
 
     @property
-    def expert_names(self) -> list[str] | None:
+    def expert_names(self) -> list[str]:
         """Expert names (`expert_i` for built-in experts), in routing order."""
-        return None if self._expert_names is None else list(self._expert_names)
+        return self.bank.expert_names
 
     @property
     def noise_std(self) -> float:
@@ -201,64 +203,12 @@ class SparseMoE(keras.layers.Layer):
             return 1.0 / self.num_experts
         return float(self.noisy_gating or 0.0)
 
-    def _resolve_named_experts(self, d_model: int) -> None:
-        try:
-            import kvlm.experts as registry
-            from kvlm.experts import available, build_expert
-        except ImportError as error:
-            raise ImportError(
-                f"SparseMoE(experts={self.experts!r}) needs the `kvlm.experts` plugin registry, "
-                f"which could not be imported: {error}"
-            ) from error
-        specs = available()
-        if self.experts == "installed":
-            names = sorted(specs)
-            if not names:
-                raise ValueError(
-                    'SparseMoE(experts="installed") found no installed kvlm expert plugins. Install one '
-                    "(e.g. `pip install kvlm-medical`) or pass an int or a list of names as `experts`."
-                )
-        else:
-            names = list(self.experts)
-        if self.router == "tokens_choose" and self.top_k > len(names):
-            raise ValueError(
-                f"`top_k` must be <= the number of experts. Received: top_k={self.top_k}, experts={names}"
-            )
-        layers = []
-        for name in names:
-            info = specs.get(name)
-            distribution = getattr(info, "distribution", None)
-            if distribution is None and isinstance(info, dict):
-                distribution = info.get("distribution")
-            if distribution is not None:
-                self.expert_distributions[name] = distribution
-            try:
-                layer = build_expert(name, d_model=d_model, **self.expert_options.get(name, {}))
-            except Exception as error:
-                recorded = self.expert_distributions.get(name)
-                if not recorded or recorded in str(error):
-                    raise
-                message = f"{error} Expert {name!r} is provided by `pip install {recorded}`."
-                not_found = getattr(registry, "ExpertNotFoundError", None)
-                if not_found is not None and isinstance(error, not_found):
-                    raise not_found(name, message, recorded) from error
-                try:
-                    new_error = type(error)(message)
-                except Exception:
-                    new_error = ImportError(message)
-                raise new_error from error
-            layers.append(layer)
-        self._expert_names = names
-        self.expert_layers = layers
-
     def build(self, input_shape):
         if self.built:  # e.g. deserialized with its build config, then built again by its parent
             return
         d_model = input_shape[-1]
         if d_model is None:
             raise ValueError(f"The last input dimension must be known. Received: input_shape={input_shape}")
-        if not isinstance(self.experts, int):
-            self._resolve_named_experts(d_model)
         num_experts = self.num_experts
         hidden = self.expert_hidden_dim or 4 * d_model
         self.router_kernel = self.add_weight(
@@ -268,19 +218,8 @@ class SparseMoE(keras.layers.Layer):
             autocast=False,
             name="router_kernel",
         )
-        if isinstance(self.experts, int):
-            self.inner_kernel = self.add_weight(
-                shape=(num_experts, d_model, hidden), initializer=self.kernel_initializer, name="inner_kernel"
-            )
-            self.inner_bias = self.add_weight(shape=(num_experts, hidden), initializer="zeros", name="inner_bias")
-            self.outer_kernel = self.add_weight(
-                shape=(num_experts, hidden, d_model), initializer=self.kernel_initializer, name="outer_kernel"
-            )
-            self.outer_bias = self.add_weight(shape=(num_experts, d_model), initializer="zeros", name="outer_bias")
-        else:
-            for layer in self.expert_layers:
-                if not layer.built:
-                    layer.build((None, d_model))
+        if not self.bank.built:
+            self.bank.build((None, d_model))
         if self.shared_expert:
             from kvlm.layers.fusion import FeedForward
 
@@ -321,16 +260,8 @@ class SparseMoE(keras.layers.Layer):
         return routing, losses, statistics, capacity
 
     def _run_experts(self, x_flat, routing, capacity, num_tokens):
-        if isinstance(self.experts, int):
-            variables = (self.inner_kernel, self.inner_bias, self.outer_kernel, self.outer_bias)
-            weights = tuple(ops.convert_to_tensor(w) for w in variables)
-            return builtin_experts_forward(
-                x_flat, routing, weights, num_experts=self.num_experts, capacity=capacity, activation=self.activation
-            )
         expert_inputs = dispatch(x_flat, routing.token_table, self.num_experts, capacity)
-        outputs = [layer(expert_inputs[i]) for i, layer in enumerate(self.expert_layers)]
-        expert_outputs = ops.stack([ops.cast(o, expert_inputs.dtype) for o in outputs], axis=0)
-        return combine(expert_outputs, routing, num_tokens)
+        return combine(self.bank(expert_inputs), routing, num_tokens)
 
     @staticmethod
     def _flatten(x, mask, modality):
@@ -378,9 +309,11 @@ class SparseMoE(keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
-        experts = self.experts
-        if not isinstance(experts, int) and self._expert_names is not None:
-            experts = list(self._expert_names)
+        if self.experts is None:
+            experts = keras.saving.serialize_keras_object(self.bank)
+        else:
+            experts = self.experts if isinstance(self.experts, int) else self.bank.expert_names
+        distributions = self.bank.expert_distributions if isinstance(self.bank, PluginBank) else {}
         config.update(
             experts=experts,
             top_k=self.top_k,
@@ -397,9 +330,15 @@ class SparseMoE(keras.layers.Layer):
             entropy_weights=self.entropy_weights,
             activation=self.activation,
             expert_options=self.expert_options,
-            expert_distributions=self.expert_distributions,
+            expert_distributions=distributions,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
             router_initializer=keras.initializers.serialize(self.router_initializer),
             seed=self.seed,
         )
         return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        if isinstance(config.get("experts"), dict):
+            config = {**config, "experts": keras.saving.deserialize_keras_object(config["experts"], custom_objects)}
+        return cls(**config)

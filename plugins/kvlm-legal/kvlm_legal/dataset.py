@@ -9,11 +9,9 @@ are needed.
 
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 
-from kvlm.data.example import Example
+from kvlm.experts.procedural import ProceduralDataset
 
 ROWS = ("top", "middle", "bottom")
 COLUMNS = ("left", "right")
@@ -95,35 +93,19 @@ def question_for(document: dict, rng: np.random.Generator) -> tuple[str, str]:
     return "what color is the seal", seal["color"]
 
 
-def generate(size: int, seed: int, split: str = "train", image_size: int = 32) -> list[Example]:
-    """Generates `size` examples deterministically from `seed` and `split`."""
-    if size < 0:
-        raise ValueError(f"`size` must be >= 0. Received: size={size}")
-    if image_size < 24:
-        raise ValueError(f"`image_size` must be >= 24 to draw documents. Received: image_size={image_size}")
-    rng = np.random.default_rng([seed, zlib.crc32(split.encode())])
-    cells = [(r, c) for r in range(len(ROWS)) for c in range(len(COLUMNS))]
-    examples = []
-    for _ in range(size):
-        num_clauses = int(rng.integers(1, 4))
-        signed, sealed = rng.random() < 0.6, rng.random() < 0.6
-        order = [cells[i] for i in rng.permutation(len(cells))]
-        document = {
-            "clauses": sorted(order[:num_clauses]),
-            "signature": {"cell": order[num_clauses], "ink": list(INKS)[rng.integers(len(INKS))]} if signed else None,
-            "seal": {"cell": order[num_clauses + 1], "color": list(SEALS)[rng.integers(len(SEALS))]}
-            if sealed
-            else None,
-        }
-        question, answer = question_for(document, rng)
-        examples.append(
-            Example(
-                question=question,
-                answer=answer,
-                caption=caption_for(document),
-                image=render(document, image_size, rng),
-                domain="legal",
-                extra={"document": document},
-            )
-        )
-    return examples
+CELLS = tuple((r, c) for r in range(len(ROWS)) for c in range(len(COLUMNS)))
+
+
+def scene(rng: np.random.Generator) -> dict:
+    """One to three clause blocks, and maybe a signature and a seal, each in a cell of its own."""
+    num_clauses = int(rng.integers(1, 4))
+    signed, sealed = rng.random() < 0.6, rng.random() < 0.6
+    order = [CELLS[i] for i in rng.permutation(len(CELLS))]
+    signature = {"cell": order[num_clauses], "ink": list(INKS)[rng.integers(len(INKS))]} if signed else None
+    seal = {"cell": order[num_clauses + 1], "color": list(SEALS)[rng.integers(len(SEALS))]} if sealed else None
+    return {"clauses": sorted(order[:num_clauses]), "signature": signature, "seal": seal}
+
+
+load = ProceduralDataset(
+    domain="legal", scene=scene, question=question_for, caption=caption_for, render=render, extra_key="document"
+)

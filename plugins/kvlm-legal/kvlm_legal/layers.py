@@ -5,9 +5,11 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from kvlm.experts.layer import ExpertLayer
+
 
 @keras.saving.register_keras_serializable(package="kvlm_legal")
-class LegalExpert(keras.layers.Layer):
+class LegalExpert(ExpertLayer):
     """Feed-forward expert with a parallel low-rank linear path: `FFN(x) + (x A) B`.
 
     The low-rank path carries a few directions (layout cues such as "this is a
@@ -22,43 +24,19 @@ class LegalExpert(keras.layers.Layer):
         dropout: Dropout rate on the feed-forward activations.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        hidden_dim: int | None = None,
-        rank: int = 4,
-        activation: str = "relu",
-        dropout: float = 0.0,
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        if not isinstance(d_model, int) or d_model <= 0:
-            raise ValueError(f"`d_model` must be a positive integer. Received: d_model={d_model}")
-        if hidden_dim is not None and (not isinstance(hidden_dim, int) or hidden_dim <= 0):
-            raise ValueError(
-                f"`hidden_dim` must be a positive integer or None. Received: hidden_dim={hidden_dim}"
-            )
+    def __init__(self, d_model: int, hidden_dim: int | None = None, rank: int = 4, activation: str = "relu",
+                 dropout: float = 0.0, **kwargs):
+        super().__init__(d_model, hidden_dim, dropout, **kwargs)
         if not isinstance(rank, int) or not 1 <= rank <= d_model:
             raise ValueError(f"`rank` must be an integer in [1, d_model={d_model}]. Received: rank={rank}")
-        if not isinstance(activation, str):
-            raise ValueError(
-                f"`activation` must be the name of a Keras activation. Received: activation={activation!r}"
-            )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout}")
-        self.d_model = d_model
-        self.hidden_dim = hidden_dim
         self.rank = rank
-        self.activation = activation
-        self.dropout = dropout
+        self.activation = self.check_activation(activation)
         policy = self.dtype_policy
         self.inner = keras.layers.Dense(hidden_dim or 2 * d_model, activation=activation, dtype=policy, name="inner")
         self.outer = keras.layers.Dense(d_model, dtype=policy, name="outer")
-        self.dropout_layer = keras.layers.Dropout(dropout, dtype=policy)
 
     def build(self, input_shape):
-        if input_shape[-1] != self.d_model:
-            raise ValueError(f"Expected last dimension d_model={self.d_model}. Received: input_shape={input_shape}")
+        super().build(input_shape)
         self.inner.build(input_shape)
         self.outer.build(tuple(input_shape[:-1]) + (self.inner.units,))
         # Both factors start random (not B = 0 as in LoRA) so both get gradients from step one.
@@ -74,16 +52,5 @@ class LegalExpert(keras.layers.Layer):
         low_rank = ops.matmul(ops.matmul(x, self.down_kernel), self.up_kernel)
         return ffn + low_rank
 
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape)
-
     def get_config(self):
-        config = super().get_config()
-        config.update(
-            d_model=self.d_model,
-            hidden_dim=self.hidden_dim,
-            rank=self.rank,
-            activation=self.activation,
-            dropout=self.dropout,
-        )
-        return config
+        return {**super().get_config(), "rank": self.rank, "activation": self.activation}

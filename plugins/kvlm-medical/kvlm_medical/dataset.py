@@ -9,11 +9,9 @@ other attributes, so both the image and the question are needed.
 
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 
-from kvlm.data.example import Example
+from kvlm.experts.procedural import ProceduralDataset
 
 ORGANS = ("lung", "heart", "liver", "stomach")
 # Organ centre (x, y) as a fraction of the image size, and its tint.
@@ -83,35 +81,17 @@ def question_for(lesions: list[dict], rng: np.random.Generator) -> tuple[str, st
     return f"is there a lesion in the {healthy[rng.integers(len(healthy))]}", "no"
 
 
-def generate(size: int, seed: int, split: str = "train", image_size: int = 32) -> list[Example]:
-    """Generates `size` examples deterministically from `seed` and `split`."""
-    if size < 0:
-        raise ValueError(f"`size` must be >= 0. Received: size={size}")
-    if image_size < 24:
-        raise ValueError(f"`image_size` must be >= 24 to draw lesions. Received: image_size={image_size}")
-    rng = np.random.default_rng([seed, zlib.crc32(split.encode())])
-    examples = []
-    for _ in range(size):
-        count = int(rng.integers(1, 4))
-        organs = rng.choice(len(ORGANS), count, replace=False)
-        kinds = rng.choice(len(LESIONS), count, replace=False)
-        lesions = [
-            {
-                "organ": ORGANS[o],
-                "kind": list(LESIONS)[k],
-                "size": list(SIZES)[rng.integers(len(SIZES))],
-            }
-            for o, k in zip(sorted(organs), kinds)
-        ]
-        question, answer = question_for(lesions, rng)
-        examples.append(
-            Example(
-                question=question,
-                answer=answer,
-                caption=caption_for(lesions),
-                image=render(lesions, image_size, rng),
-                domain="medical",
-                extra={"lesions": lesions},
-            )
-        )
-    return examples
+def scene(rng: np.random.Generator) -> list[dict]:
+    """One to three lesions, each in a different organ and of a different kind."""
+    count = int(rng.integers(1, 4))
+    organs = rng.choice(len(ORGANS), count, replace=False)
+    kinds = rng.choice(len(LESIONS), count, replace=False)
+    return [
+        {"organ": ORGANS[o], "kind": list(LESIONS)[k], "size": list(SIZES)[rng.integers(len(SIZES))]}
+        for o, k in zip(sorted(organs), kinds)
+    ]
+
+
+load = ProceduralDataset(
+    domain="medical", scene=scene, question=question_for, caption=caption_for, render=render, extra_key="lesions"
+)

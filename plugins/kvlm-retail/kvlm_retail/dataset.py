@@ -9,11 +9,9 @@ rest, so both the image and the question are needed.
 
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 
-from kvlm.data.example import Example
+from kvlm.experts.procedural import ProceduralDataset
 
 SHELVES = ("top", "bottom")
 PLACES = ("left", "middle", "right")
@@ -77,39 +75,27 @@ def question_for(products: list[dict], rng: np.random.Generator) -> tuple[str, s
     return f"is the {target['kind']} on sale", "yes" if target["sale"] else "no"
 
 
-def generate(size: int, seed: int, split: str = "train", image_size: int = 32) -> list[Example]:
-    """Generates `size` examples deterministically from `seed` and `split`."""
-    if size < 0:
-        raise ValueError(f"`size` must be >= 0. Received: size={size}")
-    if image_size < 24:
-        raise ValueError(f"`image_size` must be >= 24 to draw shelves. Received: image_size={image_size}")
-    rng = np.random.default_rng([seed, zlib.crc32(split.encode())])
-    spots = [(shelf, place) for shelf in SHELVES for place in PLACES]
-    examples = []
-    for _ in range(size):
-        count = int(rng.integers(1, 4))
-        chosen = sorted(rng.choice(len(spots), count, replace=False))
-        kinds = rng.choice(len(KINDS), count, replace=False)
-        colors = rng.choice(len(COLORS), count, replace=False)
-        products = [
-            {
-                "kind": list(KINDS)[k],
-                "color": list(COLORS)[c],
-                "shelf": spots[i][0],
-                "place": spots[i][1],
-                "sale": bool(rng.random() < 0.5),
-            }
-            for i, k, c in zip(chosen, kinds, colors)
-        ]
-        question, answer = question_for(products, rng)
-        examples.append(
-            Example(
-                question=question,
-                answer=answer,
-                caption=caption_for(products),
-                image=render(products, image_size, rng),
-                domain="retail",
-                extra={"products": products},
-            )
-        )
-    return examples
+SPOTS = tuple((shelf, place) for shelf in SHELVES for place in PLACES)
+
+
+def scene(rng: np.random.Generator) -> list[dict]:
+    """One to three products of different kinds and colours, each at its own spot."""
+    count = int(rng.integers(1, 4))
+    chosen = sorted(rng.choice(len(SPOTS), count, replace=False))
+    kinds = rng.choice(len(KINDS), count, replace=False)
+    colors = rng.choice(len(COLORS), count, replace=False)
+    return [
+        {
+            "kind": list(KINDS)[k],
+            "color": list(COLORS)[c],
+            "shelf": SPOTS[i][0],
+            "place": SPOTS[i][1],
+            "sale": bool(rng.random() < 0.5),
+        }
+        for i, k, c in zip(chosen, kinds, colors)
+    ]
+
+
+load = ProceduralDataset(
+    domain="retail", scene=scene, question=question_for, caption=caption_for, render=render, extra_key="products"
+)

@@ -7,9 +7,11 @@ import math
 import keras
 from keras import ops
 
+from kvlm.experts.layer import ExpertLayer
+
 
 @keras.saving.register_keras_serializable(package="kvlm_retail")
-class RetailExpert(keras.layers.Layer):
+class RetailExpert(ExpertLayer):
     """Key-value memory expert: `softmax(x K^T / (sqrt(d_model) * temperature)) V`.
 
     Each token reads a convex mix of `hidden_dim` learned value slots (think of a
@@ -23,35 +25,16 @@ class RetailExpert(keras.layers.Layer):
         dropout: Dropout rate on the slot weights.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        hidden_dim: int | None = None,
-        temperature: float = 1.0,
-        dropout: float = 0.0,
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        if not isinstance(d_model, int) or d_model <= 0:
-            raise ValueError(f"`d_model` must be a positive integer. Received: d_model={d_model}")
-        if hidden_dim is not None and (not isinstance(hidden_dim, int) or hidden_dim <= 0):
-            raise ValueError(
-                f"`hidden_dim` must be a positive integer or None. Received: hidden_dim={hidden_dim}"
-            )
+    def __init__(self, d_model: int, hidden_dim: int | None = None, temperature: float = 1.0, dropout: float = 0.0,
+                 **kwargs):
+        super().__init__(d_model, hidden_dim, dropout, **kwargs)
         if not temperature > 0:
             raise ValueError(f"`temperature` must be > 0. Received: temperature={temperature}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout}")
-        self.d_model = d_model
-        self.hidden_dim = hidden_dim
         self.temperature = temperature
-        self.dropout = dropout
         self.num_slots = hidden_dim or 2 * d_model
-        self.dropout_layer = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
 
     def build(self, input_shape):
-        if input_shape[-1] != self.d_model:
-            raise ValueError(f"Expected last dimension d_model={self.d_model}. Received: input_shape={input_shape}")
+        super().build(input_shape)
         self.keys = self.add_weight(
             shape=(self.num_slots, self.d_model), initializer=keras.initializers.RandomNormal(stddev=1.0), name="keys"
         )
@@ -68,12 +51,5 @@ class RetailExpert(keras.layers.Layer):
         weights = self.dropout_layer(weights, training=training)
         return ops.matmul(weights, self.values) + self.output_bias
 
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape)
-
     def get_config(self):
-        config = super().get_config()
-        config.update(
-            d_model=self.d_model, hidden_dim=self.hidden_dim, temperature=self.temperature, dropout=self.dropout
-        )
-        return config
+        return {**super().get_config(), "temperature": self.temperature}
