@@ -23,11 +23,22 @@ def register(subparsers) -> None:
     """Adds the `serve` and `predict` commands."""
     serve = subparsers.add_parser(
         "serve",
-        help="serve exported SavedModels over TF Serving's gRPC API",
+        help="serve SavedModels over TF Serving's gRPC and REST APIs",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     serve.add_argument("--port", type=int, default=8500, help="gRPC port (0: any free port)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
+    serve.add_argument("--rest_api_port", type=int, default=None,
+                       help="REST API port, e.g. 8501 (0: any free port; default: no REST API)")
+    serve.add_argument("--rest_api_host", default=None, help="address the REST API binds (default: --host)")
+    serve.add_argument("--rest_api_timeout_in_ms", type=int, default=30000, help="time a REST call may take")
+    serve.add_argument("--monitoring_config_file", default=None,
+                       help="MonitoringConfig text proto: prometheus_config { enable: true, path: ... }")
+    serve.add_argument("--max_image_pixels", type=int, default=None,
+                       help="refuse images above this many pixels, read from their headers (0: no limit; "
+                            "default 4096x4096)")
+    serve.add_argument("--max_decode_bytes", type=int, default=None,
+                       help="memory all requests' images may take decoded at once (0: no limit; default 1 GiB)")
     serve.add_argument("--model_name", default="default", help="name of the model given by --model_base_path")
     serve.add_argument("--model_base_path", default=None, help="folder holding the model's numeric versions")
     serve.add_argument("--model_config_file", default=None, help="models.config (ModelServerConfig text proto)")
@@ -80,6 +91,7 @@ def server_options(args):
         auth_token_from_env,
         load_batching_parameters,
         load_model_config,
+        load_monitoring_config,
         load_ssl_config,
         tls_from_files,
     )
@@ -104,8 +116,13 @@ def server_options(args):
         if not (args.ssl_cert_file and args.ssl_key_file):
             raise ValueError("TLS needs both --ssl_cert_file and --ssl_key_file.")
         tls = tls_from_files(args.ssl_cert_file, args.ssl_key_file, args.ssl_ca_file)
+    prometheus_path = load_monitoring_config(args.monitoring_config_file) if args.monitoring_config_file else None
+    limits = {name: value for name in ("max_image_pixels", "max_decode_bytes")
+              if (value := getattr(args, name)) is not None}
     return ServerOptions(
         models=models, host=args.host, port=args.port, batching=batching,
+        rest_api_port=args.rest_api_port, rest_api_host=args.rest_api_host,
+        rest_api_timeout_seconds=args.rest_api_timeout_in_ms / 1000, prometheus_path=prometheus_path, **limits,
         file_system_poll_wait_seconds=args.file_system_poll_wait_seconds, tls=tls,
         auth_token=auth_token_from_env(args.auth_token), max_message_bytes=args.max_message_bytes,
         grpc_max_threads=args.grpc_max_threads, shutdown_grace_seconds=args.shutdown_grace_seconds,

@@ -122,3 +122,26 @@ def test_serve_flags(tmp_path, monkeypatch):
             server_options(parser.parse_args(argv))
     with pytest.raises(FileNotFoundError, match="Model config file"):
         server_options(parser.parse_args(["serve", "--model_config_file", str(tmp_path / "missing.config")]))
+
+
+def test_rest_monitoring_and_limit_flags(tmp_path):
+    from kvlm.cli import build_parser
+    from kvlm.cli.serve import server_options
+
+    monitoring = tmp_path / "monitoring.config"
+    monitoring.write_text('prometheus_config { enable: true, path: "/metrics" }\n')
+    parser = build_parser()
+    base = ["serve", "--model_base_path", str(tmp_path)]
+    defaults = server_options(parser.parse_args(base))
+    assert (defaults.rest_api_port, defaults.prometheus_path, defaults.max_image_pixels) == (None, None, 4096 * 4096)
+    options = server_options(parser.parse_args(base + [
+        "--rest_api_port", "8501", "--monitoring_config_file", str(monitoring), "--max_image_pixels", "0",
+        "--max_decode_bytes", "1000", "--rest_api_timeout_in_ms", "2500",
+    ]))
+    assert (options.rest_api_port, options.rest_host, options.prometheus_path) == (8501, "127.0.0.1", "/metrics")
+    assert (options.max_image_pixels, options.max_decode_bytes, options.rest_api_timeout_seconds) == (0, 1000, 2.5)
+    with pytest.raises(ValueError, match="needs|REST port"):
+        server_options(parser.parse_args(base + ["--monitoring_config_file", str(monitoring)]))
+    monitoring.write_text("prometheus_config { enable: true, path: 'metrics' }\n")
+    with pytest.raises(ValueError, match="must start with '/'"):
+        server_options(parser.parse_args(base + ["--rest_api_port", "0", "--monitoring_config_file", str(monitoring)]))
