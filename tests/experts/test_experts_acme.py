@@ -8,7 +8,14 @@ import subprocess
 import sys
 import textwrap
 
+import keras
 import pytest
+
+pytestmark = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="packaging and discovery run once, on tensorflow (about a minute); a documented-contract expert "
+    "is checked on every backend by test_experts_testing.py::test_expert_without_compute_output_shape_passes",
+)
 
 PYPROJECT = """
 [build-system]
