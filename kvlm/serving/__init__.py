@@ -1,8 +1,10 @@
-"""A TF-Serving-compatible gRPC server and client for exported kvlm SavedModels.
+"""A TF-Serving-compatible server and client for SavedModels (kvlm's exports and any other).
 
-- `Server(ServerOptions(...))`: the embedded server (PredictionService.Predict,
-  GetModelMetadata; ModelService.GetModelStatus), with version polling, batching,
-  TLS and bearer-token auth. `kvlm serve` runs it from the command line.
+- `Server(ServerOptions(...))`: the embedded server: every PredictionService method
+  (Predict, Classify, Regress, MultiInference, GetModelMetadata) and ModelService
+  (GetModelStatus, HandleReloadConfigRequest) over gRPC, TF Serving's REST API and
+  Prometheus metrics, with version polling, batching, image size and decode memory
+  limits, TLS and bearer-token auth. `kvlm serve` runs it from the command line.
 - `PredictClient(target, timeout=...)`: a client using only the official stubs.
 - `load_model_config`, `load_batching_parameters`: TF Serving's config file formats.
 

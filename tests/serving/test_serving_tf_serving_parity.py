@@ -316,3 +316,19 @@ def test_every_method_answers_cleanly_without_traces_in_the_log(predictions, cap
     for call, request in calls:
         assert _code(call, request)[0] == grpc.StatusCode.INVALID_ARGUMENT
     assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
+
+
+def test_rest_takes_the_same_bearer_token_as_grpc(half_plus_two_base):
+    from kvlm.serving import ModelConfig, Server, ServerOptions
+
+    options = ServerOptions([ModelConfig("half_plus_two", half_plus_two_base / "half_plus_two")], port=0,
+                            rest_api_port=0, auth_token="s3cret", file_system_poll_wait_seconds=0)
+    with Server(options) as server:
+        url = f"http://127.0.0.1:{server.rest_port}/v1/models/half_plus_two:predict"
+        body = json.dumps({"instances": [2.0]}).encode()
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=TIMEOUT)
+        assert caught.value.code == 401 and "bearer token" in json.loads(caught.value.read())["error"]
+        request = urllib.request.Request(url, data=body, headers={"Authorization": "Bearer s3cret"})
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            assert json.loads(response.read()) == {"predictions": [3.0]}
