@@ -44,7 +44,7 @@ from kvlm.models import VLMClassifier, get_preset  # noqa: E402
 from kvlm.models.distiller import Distiller  # noqa: E402
 from kvlm.models.flops import model_profile  # noqa: E402
 from kvlm.training import TrainConfig, load_examples  # noqa: E402
-from kvlm.training.run import training_stream  # noqa: E402
+from kvlm.training.loop import training_stream  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STUDENT = dict(hidden_dim=32, num_heads=2, intermediate_dim=64, cnn_filters=16, num_fusion_layers=2)
@@ -190,7 +190,12 @@ def main(argv=None) -> dict:
     kinds = np.array([question_type(e.question) for e in eval_examples])
 
     def stream():
-        return training_stream(train_examples, tokenizer, answers, image_size, args.batch_size, args.seed)
+        return training_stream(
+            lambda seed: make_dataset(
+                train_examples, tokenizer, answers, image_size, args.batch_size, shuffle=True, seed=seed
+            ),
+            args.seed,
+        )
 
     def build(**overrides):
         return VLMClassifier.from_preset(

@@ -114,7 +114,7 @@ def run_model(name: str, config: TrainConfig) -> dict:
     summary = fit(config, strategy=None, verbose=2, checkpoint=False)
     wall = time.perf_counter() - start
     report = evaluate(config.output)
-    model, *_ = load_run(config.output)
+    model = load_run(config.output).model
     top_k = (config.overrides.get("moe") or {}).get("top_k", 1)
     result = {
         "name": name,

@@ -55,7 +55,7 @@ from kvlm.models import (  # noqa: E402
     VLMClassifier,
     build_index,
 )
-from kvlm.training.rag import (  # noqa: E402
+from kvlm.tasks.rag.task import (  # noqa: E402
     images_of,
     product_index,
     retrieve_products,
@@ -142,7 +142,7 @@ def run(args):
     context_tokenizer = make_tokenizer(vocabulary, 16)
     answers = list(catalogue.ANSWERS)
 
-    # 1. The retriever and the product-name index (kvlm.training.rag, as `kvlm train --task rag`).
+    # 1. The retriever and the product-name index (kvlm.tasks.rag.task, as `kvlm train --task rag`).
     start = time.perf_counter()
     retriever = train_retriever(
         train, tokenizer, len(vocabulary), preset="kvlm_tiny", encoder=args.encoder, learning_rate=args.learning_rate,

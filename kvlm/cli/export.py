@@ -26,10 +26,11 @@ def register(subparsers) -> None:
 
 def run_export(args) -> int:
     from kvlm.export import export_model
-    from kvlm.training.tasks import export_description, read_task
+    from kvlm.runs import read_task
+    from kvlm.tasks import get_task
 
     platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip()) if args.platforms else None
     path = export_model(args.model, base_path=args.base_path, name=args.name, version=args.version, platforms=platforms)
     task = read_task(args.model)
-    print(f"exported {task} run {args.model} to {path} ({export_description(task)})")
+    print(f"exported {task} run {args.model} to {path} ({get_task(task).export_description})")
     return 0

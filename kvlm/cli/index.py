@@ -87,19 +87,12 @@ def read_entries(path: str | Path) -> list[dict]:
 
 
 def _load_dual_encoder(run_dir):
-    """The dual encoder of a retrieval run, or the retriever of a rag run, and the run's tokenizer."""
-    from kvlm.models import DualEncoder, RetrievalAugmentedVLM
-    from kvlm.training.run import load_run
+    """The dual encoder of a run (a retrieval run's model, a rag run's retriever) and the run's tokenizer."""
+    from kvlm.runs import load_run
+    from kvlm.tasks import get_task
 
-    model, tokenizer, _, _ = load_run(run_dir)
-    if isinstance(model, RetrievalAugmentedVLM):
-        return model.retriever, tokenizer
-    if not isinstance(model, DualEncoder):
-        raise ValueError(
-            f"{run_dir} holds a {type(model).__name__}; an index needs a `kvlm train --task retrieval` "
-            "or `kvlm train --task rag` run."
-        )
-    return model, tokenizer
+    run = load_run(run_dir)
+    return get_task(run.config.task).dual_encoder(run), run.tokenizer
 
 
 def _read_images(paths, image_size: int):
@@ -122,7 +115,7 @@ def _read_images(paths, image_size: int):
 
 def run_build(args) -> int:
     from kvlm.models import build_index
-    from kvlm.training.rag import retriever_fingerprint
+    from kvlm.tasks.rag.task import retriever_fingerprint
 
     model, tokenizer = _load_dual_encoder(args.model)
     if args.catalogue is not None:
@@ -175,7 +168,7 @@ def run_query(args) -> int:
 
 
 def run_attach(args) -> int:
-    from kvlm.training.rag import attach_index
+    from kvlm.tasks.rag.task import attach_index
 
     result = attach_index(args.model, args.index, args.output)
     source = f"the catalogue of store {result['index_store']}" if result["index_store"] is not None else "its entries"

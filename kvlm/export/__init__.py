@@ -4,8 +4,10 @@
 `saved_models/kvlm/<version>/` with a `serving_default` signature taking
 `image_bytes` and `text` (both `string[batch]`) and returning `answer`, `score`,
 `scores` and `labels` (see `kvlm.export.signatures`), plus warm-up requests in
-`assets.extra/tf_serving_warmup_requests`. A `DualEncoder` is exported with an `embed`
-signature (also its `serving_default`) returning `image_embedding` and `text_embedding`.
+`assets.extra/tf_serving_warmup_requests`. Each task chooses its writer
+(`kvlm.tasks.base.Task.export`): a retrieval run's `DualEncoder` gets an `embed` signature
+(also its `serving_default`) returning `image_embedding` and `text_embedding`, a captioning
+run's `Captioner` a `caption` signature.
 
 Submodules import TensorFlow and Keras lazily, so `kvlm.export.layout` stays light.
 """

@@ -42,6 +42,8 @@ from kvlm.export.signatures import (
     make_serving_function,
 )
 from kvlm.export.warmup import WARMUP_DIR, write_warmup_requests
+from kvlm.runs import load_run
+from kvlm.tasks import get_task
 
 EXPORT_BACKENDS = ("tensorflow", "jax")
 METADATA_FILE = "kvlm.json"
@@ -68,10 +70,9 @@ def write_saved_model(
     """Writes `model` (a `VLMClassifier` or `RetrievalAugmentedVLM`) with preprocessing as a SavedModel at `path`.
 
     A `RetrievalAugmentedVLM` carries its knowledge index in its variables, so the
-    SavedModel answers with retrieval and needs nothing else.
-
-    A `DualEncoder` is written by `write_dual_encoder_saved_model` and a `Captioner` by
-    `write_captioner_saved_model` (`answers` unused for both).
+    SavedModel answers with retrieval and needs nothing else. A `DualEncoder` is written by
+    `write_dual_encoder_saved_model` and a `Captioner` by `write_captioner_saved_model`;
+    `export_model` picks the writer of the run's task.
 
     Args:
         model: The classifier; its backbone gives image size and sequence length.
@@ -82,13 +83,6 @@ def write_saved_model(
         platforms: JAX only: devices to lower for, e.g. `("cpu", "cuda")`
             (default: the device JAX runs on).
     """
-    from kvlm.models.captioner import Captioner
-    from kvlm.models.dual_encoder import DualEncoder
-
-    if isinstance(model, DualEncoder):
-        return write_dual_encoder_saved_model(model, tokenizer, path, model_name, platforms)
-    if isinstance(model, Captioner):
-        return write_captioner_saved_model(model, tokenizer, path, model_name, platforms)
     backend = _check_backend()
     if len(answers) != model.num_classes:
         raise ValueError(f"{len(answers)} answers for a model with {model.num_classes} outputs.")
@@ -259,10 +253,9 @@ def export_model(
 
     `version` defaults to one more than the highest existing version. The SavedModel
     is written to a hidden temporary folder and renamed into place, so a polling
-    server never sees a half-written version.
+    server never sees a half-written version. The run's task writes its signatures
+    (`kvlm.tasks.base.Task.export`).
     """
-    from kvlm.training.run import load_run
-
     validate_model_name(name)
     _check_backend()
     model_dir = Path(base_path) / name
@@ -273,12 +266,13 @@ def export_model(
     target = model_dir / str(version)
     if target.exists():
         raise ValueError(f"{target} already exists: choose another version or leave `version` unset.")
-    model, tokenizer, answers, _ = load_run(run_dir)
+    run = load_run(run_dir)
+    task = get_task(run.config.task)
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = model_dir / f".tmp-{version}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        write_saved_model(model, tokenizer, answers, staging, model_name=name, platforms=platforms)
+        task.export(run, staging, model_name=name, platforms=platforms)
         os.rename(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -2,36 +2,28 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 
-def make_tiny_run(run_dir: str | Path, seed: int = 0, train: bool = False, **overrides) -> Path:
+def make_tiny_run(run_dir: str | Path, seed: int = 0, **overrides) -> Path:
     """Writes a `kvlm_tiny` run folder (model.keras, vocabulary.txt, answers.txt, run.json).
 
-    With `train=False` (the default) the model keeps its seeded random weights, which
-    takes seconds; `train=True` runs `kvlm.training.train` for one short epoch.
+    The model keeps its seeded random weights, which takes seconds.
     `overrides` go to the backbone (e.g. `encoder="vit"`).
     """
     import keras
 
-    from kvlm.data import answer_vocabulary, build_vocabulary, save_vocabulary, shapes
+    from kvlm.data import answer_vocabulary, build_vocabulary, shapes
     from kvlm.models import VLMClassifier
-    from kvlm.training.run import ANSWERS_FILE, MODEL_FILE, RUN_FILE, TrainConfig
+    from kvlm.runs import MODEL_FILE, TrainConfig, write_run_files
 
     run_dir = Path(run_dir)
     config = TrainConfig(
         output=str(run_dir), train_size=192, eval_size=8, epochs=1, batch_size=32,
         vocabulary_size=200, seed=seed, overrides=dict(overrides),
     )
-    if train:
-        from kvlm.training.run import train as train_run
-
-        train_run(config, verbose=0)
-        return run_dir
     keras.utils.set_random_seed(seed)
     examples = shapes.generate(config.train_size, seed=seed)
     vocabulary = build_vocabulary(
@@ -42,10 +34,7 @@ def make_tiny_run(run_dir: str | Path, seed: int = 0, train: bool = False, **ove
         config.preset, num_classes=len(answers), vocabulary_size=len(vocabulary),
         encoder=config.encoder, **overrides,
     )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_vocabulary(vocabulary, run_dir)
-    (run_dir / ANSWERS_FILE).write_text("\n".join(answers) + "\n", encoding="utf-8")
-    (run_dir / RUN_FILE).write_text(json.dumps(asdict(config), indent=2), encoding="utf-8")
+    write_run_files(run_dir, config, vocabulary, answers)
     model.save(run_dir / MODEL_FILE)
     return run_dir
 

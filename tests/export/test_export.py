@@ -17,7 +17,7 @@ from PIL import Image
 
 from kvlm.data import decode_image, resize_image
 from kvlm.export import SIGNATURE_NAME, export_model, next_version, validate_model_name, version_dirs
-from kvlm.training.run import load_run
+from kvlm.runs import load_run
 
 # Runs in a fresh interpreter where kvlm, keras, keras_hub, jax and torch cannot be imported:
 # only TensorFlow and tensorflow-text's op libraries are loaded.
@@ -103,7 +103,8 @@ def _batches() -> list[dict]:
 
 def _reference(run_dir, batch: dict) -> tuple[np.ndarray, list[str]]:
     """`model.predict` on inputs preprocessed by kvlm's own functions, as in training."""
-    model, tokenizer, answers, _ = load_run(run_dir)
+    run = load_run(run_dir)
+    model, tokenizer, answers = run.model, run.tokenizer, run.answers
     size = model.backbone.image_size
     images = np.stack([resize_image(decode_image(b), size).numpy() for b in batch["images"]])
     # The tf.data path, exactly as `kvlm.data.make_dataset` tokenizes.
@@ -130,7 +131,7 @@ def test_layout_and_warmup(tiny_export):
     assert request.model_spec.signature_name == SIGNATURE_NAME
     assert set(request.inputs) == {"image_bytes", "text"}
     metadata = json.loads((version_dir / "assets.extra" / "kvlm.json").read_text())
-    assert metadata["answers"] == load_run(run_dir)[2]
+    assert metadata["answers"] == load_run(run_dir).answers
     assert metadata["keras_backend"] == keras.backend.backend()
 
 
@@ -171,7 +172,7 @@ def test_fresh_process_matches_model_predict(tiny_export, tmp_path):
 
     assert result["kvlm_importable"] is False
     assert result["loaded"] == []
-    answers = load_run(run_dir)[2]
+    answers = load_run(run_dir).answers
     for batch, served in zip(batches, result["batches"]):
         scores, expected_answers = _reference(run_dir, batch)
         np.testing.assert_allclose(np.array(served["scores"]), scores, atol=1e-5)

@@ -81,13 +81,16 @@ def test_sigkill_mid_epoch_resumes_from_last_backup_with_identical_weights(tmp_p
 
 
 def test_training_stream_restarts_at_any_step(tokenizer, shapes_examples):
-    from kvlm.data import answer_vocabulary
-    from kvlm.training.run import training_stream
+    from kvlm.data import answer_vocabulary, make_dataset
+    from kvlm.training.loop import training_stream
 
     examples, answers = shapes_examples[:40], answer_vocabulary(shapes_examples)
 
+    def one_pass(seed):
+        return make_dataset(examples, tokenizer, answers, 32, 16, shuffle=True, seed=seed)
+
     def labels(first_pass=0, skip=0, count=9):
-        stream = training_stream(examples, tokenizer, answers, 32, 16, seed=3, first_pass=first_pass)
+        stream = training_stream(one_pass, seed=3, first_pass=first_pass)
         for _ in range(2):  # iterators opened and dropped before (as Keras does) change nothing
             next(iter(stream))
         return [batch[1].numpy().tolist() for batch in stream.skip(skip).take(count)]

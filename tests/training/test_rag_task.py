@@ -10,7 +10,8 @@ import pytest
 
 from kvlm.cli import main
 from kvlm.data import catalogue
-from kvlm.training import TrainConfig, evaluate, fit, load_run
+from kvlm.runs import MODEL_FILE, TrainConfig, load_run, write_run_files
+from kvlm.training import evaluate, fit
 
 # Product catalogues, kvlm_tiny with the CNN encoder: about 85 s on a 2-core CPU. The retriever
 # needs its 6 epochs (144 steps): with fewer, recall@3 stays near 0.7 and the reader near 0.37.
@@ -58,7 +59,10 @@ def test_rag_run_folder_report_and_evaluate(rag_run, capsys):
         assert (rag_run / name).is_file(), name
     assert not (rag_run / "backup").exists() and not (rag_run / "retriever.keras").exists()
     config = json.loads((rag_run / "run.json").read_text())
-    assert (config["task"], config["top_k"], config["train_catalogues"], config["index_store"]) == ("rag", 3, 60, 10000)
+    assert config["task"] == "rag"
+    assert config["task_options"] == {
+        "top_k": 3, "train_catalogues": 60, "retriever_epochs": 6, "index_store": 10000, "index_dir": None,
+    }
     assert (rag_run / "answers.txt").read_text().split() == list(catalogue.ANSWERS)
 
     report = json.loads((rag_run / "rag.json").read_text())
@@ -71,9 +75,10 @@ def test_rag_run_folder_report_and_evaluate(rag_run, capsys):
     assert retriever["epochs"] == 6 and 1 / 24 < retriever["recall@1"] <= retriever["recall@3"] <= 1.0
 
     # The saved model holds the index store's catalogue, as index/ does.
-    model, tokenizer, answers, run_config = load_run(rag_run)
-    assert isinstance(model, RetrievalAugmentedVLM) and answers == list(catalogue.ANSWERS)
-    assert run_config.task == "rag" and model.index_size == 24
+    run = load_run(rag_run)
+    model = run.model
+    assert isinstance(model, RetrievalAugmentedVLM) and run.answers == list(catalogue.ANSWERS)
+    assert run.config.task == "rag" and model.index_size == 24
     index = KnowledgeIndex.load(rag_run / "index")
     assert index.texts == catalogue.catalogue(10000) and index.metadata["catalogue"] == 10000
     np.testing.assert_allclose(keras.ops.convert_to_numpy(model.index_embeddings), index.embeddings, atol=1e-6)
@@ -96,7 +101,8 @@ def test_exported_rag_run_answers_png_bytes_like_the_keras_model(rag_run, tmp_pa
 
     assert main(["export", "--model", str(rag_run), "--base-path", str(tmp_path), "--name", "rag"]) == 0
     assert "exported rag run" in capsys.readouterr().out
-    model, tokenizer, _, _ = load_run(rag_run)
+    run = load_run(rag_run)
+    model, tokenizer = run.model, run.tokenizer
     examples = catalogue.generate(32, seed=5, catalogue_seeds=[10000])
     serve = tf.saved_model.load(str(tmp_path / "rag" / "1")).signatures["serving_default"]
     outputs = serve(image_bytes=tf.constant([png_bytes(e) for e in examples]),
@@ -117,7 +123,8 @@ def test_another_catalogue_is_attached_without_retraining(rag_run, tmp_path, cap
     assert "the catalogue of store 10001" in capsys.readouterr().out
 
     config = json.loads((new_run / "run.json").read_text())
-    assert (config["task"], config["index_store"], config["index_dir"]) == ("rag", 10001, str(index_dir.resolve()))
+    options = config["task_options"]
+    assert (config["task"], options["index_store"], options["index_dir"]) == ("rag", 10001, str(index_dir.resolve()))
     assert KnowledgeIndex.load(new_run / "index").texts == catalogue.catalogue(10001)
     assert not (new_run / "checkpoint.keras").exists() and (new_run / "rag.json").is_file()
 
@@ -127,7 +134,8 @@ def test_another_catalogue_is_attached_without_retraining(rag_run, tmp_path, cap
     assert abs(attached["accuracy"] - original) < ATTACHED_TOLERANCE, (attached["accuracy"], original)
     # The catalogue is what answers: on the same examples of store 10001 (evaluate's: seed 0 + 2),
     # the original model, reading store 10000's prices and aisles, is near chance.
-    model, tokenizer, _, _ = load_run(rag_run)
+    run = load_run(rag_run)
+    model, tokenizer = run.model, run.tokenizer
     examples = catalogue.generate(200, seed=2, catalogue_seeds=[10001])
     wrong = _accuracy(_answers(model, tokenizer, examples), examples)
     assert attached["accuracy"] > wrong + 0.15, (attached["accuracy"], wrong)
@@ -138,7 +146,7 @@ def test_another_catalogue_is_attached_without_retraining(rag_run, tmp_path, cap
     assert main(["index", "build", "--model", str(rag_run), "--entries", str(entries), "--output", str(tmp_path / "p")]) == 0
     assert main(["index", "attach", "--model", str(rag_run), "--index", str(tmp_path / "p"),
                  "--output", str(tmp_path / "plain")]) == 0
-    assert json.loads((tmp_path / "plain" / "run.json").read_text())["index_store"] is None
+    assert json.loads((tmp_path / "plain" / "run.json").read_text())["task_options"]["index_store"] is None
     capsys.readouterr()
     assert main(["evaluate", "--model", str(tmp_path / "plain")]) == 2
     assert "is not a product catalogue" in capsys.readouterr().err
@@ -149,14 +157,13 @@ def test_another_catalogue_is_attached_without_retraining(rag_run, tmp_path, cap
 def test_attach_errors_name_the_problem(rag_run, tmp_path, capsys):
     from kvlm.data import build_vocabulary
     from kvlm.models import DualEncoder, KnowledgeIndex
-    from kvlm.training.run import MODEL_FILE, _write_run_files
 
     # A retrieval run (untrained) and indexes it built: 64-d like the rag retriever, and 32-d.
     vocabulary = build_vocabulary(catalogue.vocabulary_texts(range(3)), 200)
     retrieval = tmp_path / "retrieval"
     retrieval.mkdir()
     DualEncoder.from_preset("kvlm_tiny", vocabulary_size=len(vocabulary), encoder="cnn").save(retrieval / MODEL_FILE)
-    _write_run_files(retrieval, TrainConfig(output=str(retrieval), task="retrieval"), vocabulary, None)
+    write_run_files(retrieval, TrainConfig(output=str(retrieval), task="retrieval"), vocabulary, None)
     assert main(["index", "build", "--model", str(retrieval), "--catalogue", "3", "--output", str(tmp_path / "other")]) == 0
     narrow = KnowledgeIndex(catalogue.catalogue(3), np.eye(24, 32, dtype="float32"), catalogue.keys())
     narrow.save(tmp_path / "narrow")
@@ -194,13 +201,16 @@ def test_rag_options_name_the_problem(tmp_path, capsys):
     assert "the rag task trains on one device" in capsys.readouterr().err
     for options, message in (
         (dict(data_dir=str(tmp_path)), "drop --data-dir"),
-        (dict(top_k=25), "`top_k` must be between 1 and the 24"),
-        (dict(train_catalogues=0), "`train_catalogues` must be between 1"),
-        (dict(retriever_epochs=0), "`retriever_epochs` must be >= 1"),
-        (dict(index_store=None), "`index_store` must be a store seed"),
+        (dict(task_options={"top_k": 25}), "`top_k` must be between 1 and the 24"),
+        (dict(task_options={"train_catalogues": 0}), "`train_catalogues` must be between 1"),
+        (dict(task_options={"retriever_epochs": 0}), "`retriever_epochs` must be >= 1"),
+        (dict(task_options={"index_store": None}), "`index_store` must be a store seed"),
+        (dict(task_options={"teacher": "runs/vqa"}), "The rag task has no option.*'teacher'"),
     ):
         with pytest.raises(ValueError, match=message):
             fit(TrainConfig(output=str(tmp_path / "run"), task="rag", **options))
+    assert main(["train", "--task", "rag", "--alpha", "0.5", "--output", str(tmp_path / "run")]) == 2
+    assert "--alpha: not an option of the rag task" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
     with pytest.raises(SystemExit):
         main(["train", "--help"])

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from kvlm.cli import main
-from kvlm.training import TrainConfig, fit, load_run
+from kvlm.runs import TrainConfig, load_run
+from kvlm.training import fit, load_examples
 from kvlm.training.callbacks import read_history_csv
 
 # Procedural shapes, kvlm_tiny with the CNN encoder: seconds per epoch on a 2-core CPU.
@@ -43,6 +44,27 @@ def captioning_run(tmp_path_factory):
     return _train(tmp_path_factory, "captioning", CAPTIONING)
 
 
+def _reference_recall(model, tokenizer, examples) -> dict[str, dict[int, float]]:
+    """Recall@1/5/10 from the model's embeddings with plain numpy: a hit is any pair with the same caption."""
+    import tensorflow as tf
+
+    from kvlm.models.captioning import images_of
+
+    images = images_of(examples, model.image_size)
+    token_ids = np.asarray(tokenizer(tf.constant([e.caption for e in examples])), "int32")
+    outputs = model.predict({"images": images, "token_ids": token_ids}, verbose=0)
+    similarity = outputs["image_embedding"] @ outputs["text_embedding"].T
+    captions = np.array([e.caption for e in examples])
+    same = captions[:, None] == captions[None, :]
+    recall = {}
+    for direction, scores in (("image_to_text", similarity), ("text_to_image", similarity.T)):
+        ranked = np.argsort(-scores, axis=1, kind="stable")
+        recall[direction] = {
+            k: float(np.mean([same[i, ranked[i, :k]].any() for i in range(len(examples))])) for k in (1, 5, 10)
+        }
+    return recall
+
+
 def _examples(count: int = 3):
     from kvlm.data import png_bytes, shapes
 
@@ -61,23 +83,25 @@ def test_retrieval_run_folder_evaluate_and_export(retrieval_run, tmp_path, capsy
         assert (retrieval_run / name).is_file(), name
     assert not (retrieval_run / "answers.txt").exists() and not (retrieval_run / "backup").exists()
     config = json.loads((retrieval_run / "run.json").read_text())
-    assert (config["task"], config["loss"]) == ("retrieval", "clip")
+    assert (config["task"], config["task_options"]) == ("retrieval", {"loss": "clip"})
     history = read_history_csv(retrieval_run / "history.csv")
     assert len(history["loss"]) == 4 and history["loss"][-1] < history["loss"][0]
     summary = json.loads((retrieval_run / "summary.json").read_text())
     assert summary["task"] == "retrieval" and summary["eval_examples"] == 64
 
-    model, tokenizer, answers, run_config = load_run(retrieval_run)
-    assert isinstance(model, DualEncoder) and answers == [] and run_config.task == "retrieval"
+    run = load_run(retrieval_run)
+    model, tokenizer = run.model, run.tokenizer
+    assert isinstance(model, DualEncoder) and run.answers == [] and run.config.task == "retrieval"
     assert tokenizer.sequence_length == model.sequence_length
 
     report = evaluate(retrieval_run)
     assert report["task"] == "retrieval" and report["examples"] == 64
+    expected = _reference_recall(model, tokenizer, load_examples(run.config)[1])
     for direction in ("image_to_text", "text_to_image"):
         recall = report["recall"][direction]
         assert set(recall) == {"recall@1", "recall@5", "recall@10"}
-        assert all(0.0 <= value <= 1.0 for value in recall.values())
-        assert recall["recall@1"] <= recall["recall@5"] <= recall["recall@10"]
+        for k, value in expected[direction].items():
+            assert recall[f"recall@{k}"] == pytest.approx(value), (direction, k)
         assert recall["recall@10"] >= report["chance"]["recall@10"] + RECALL_MARGIN, (direction, report)
     assert report["recall"] == summary["recall"]  # the same model, split and ranking
 
@@ -106,7 +130,7 @@ def test_captioning_run_folder_evaluate_and_export(captioning_run, tmp_path, cap
     import tensorflow as tf
 
     from kvlm.models import Captioner
-    from kvlm.models.captioning import generate_captions, images_of
+    from kvlm.models.captioning import bleu_score, generate_captions, images_of
     from kvlm.training import evaluate
 
     for name in RUN_FILES:
@@ -118,15 +142,22 @@ def test_captioning_run_folder_evaluate_and_export(captioning_run, tmp_path, cap
     assert len(history["loss"]) == 2 and history["loss"][-1] < history["loss"][0]
     assert history["val_loss"][-1] < history["val_loss"][0]
 
-    model, tokenizer, answers, _ = load_run(captioning_run)
-    assert isinstance(model, Captioner) and answers == []
+    run = load_run(captioning_run)
+    model, tokenizer = run.model, run.tokenizer
+    assert isinstance(model, Captioner) and run.answers == []
     assert model.sequence_length == tokenizer.sequence_length == 32
 
     report = evaluate(captioning_run)
     assert report["task"] == "captioning" and report["examples"] == 16
-    assert isinstance(report["bleu"], float) and 0.0 <= report["bleu"] <= 1.0
-    assert 0.0 <= report["exact_match"] <= 1.0
-    assert len(report["samples"]) == 5 and all(s["reference"] and s["caption"] for s in report["samples"])
+    # The report scores the model's greedy captions of the held-out images, recomputed here.
+    held_out = load_examples(run.config)[1]
+    references = [e.caption for e in held_out]
+    captions = generate_captions(model, images_of(held_out, model.image_size), tokenizer)
+    assert report["bleu"] == pytest.approx(bleu_score(references, captions))
+    exact = np.mean([c == " ".join(r.lower().split()) for c, r in zip(captions, references)])
+    assert report["exact_match"] == pytest.approx(exact)
+    assert report["samples"] == [{"reference": r, "caption": c} for r, c in zip(references[:5], captions)]
+    assert report["bleu"] > 0.0 and all(c for c in captions)  # 2 epochs: BLEU-4 about 0.11
 
     assert main(["evaluate", "--model", str(captioning_run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["bleu"] == pytest.approx(report["bleu"])
@@ -186,10 +217,12 @@ def test_multi_device_strategies_are_vqa_only(task, tmp_path, capsys):
 
 
 def test_bad_task_options_name_the_problem(tmp_path):
-    with pytest.raises(ValueError, match="`task` must be one of"):
+    with pytest.raises(ValueError, match="`task` must be one of vqa, retrieval, captioning, distillation, rag"):
         fit(TrainConfig(output=str(tmp_path), task="detection"))
     with pytest.raises(ValueError, match="`loss` must be one of"):
-        fit(TrainConfig(output=str(tmp_path), task="retrieval", loss="triplet"))
+        fit(TrainConfig(output=str(tmp_path), task="retrieval", task_options={"loss": "triplet"}))
+    with pytest.raises(ValueError, match="The vqa task has no option.*'loss'"):
+        fit(TrainConfig(output=str(tmp_path), task="vqa", task_options={"loss": "clip"}))
     with pytest.raises(ValueError, match="drop `--moe-experts`"):
         fit(TrainConfig(output=str(tmp_path), task="retrieval", overrides={"moe": {"experts": 4, "top_k": 2}}))
     assert not any(tmp_path.iterdir())

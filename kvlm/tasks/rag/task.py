@@ -1,11 +1,12 @@
 """The rag task: a `RetrievalAugmentedVLM` answering from product catalogues (`kvlm.data.catalogue`).
 
-`kvlm.training.fit` trains it when `TrainConfig.task` is `rag`, as `bench/rag.py` does:
+`kvlm.training.fit` trains it when `TrainConfig.task` is `rag` (options in `task_options`, see
+`kvlm.tasks.rag.INFO`), as `bench/rag.py` does:
 
 1. Examples: `train_size` from stores `0 .. train_catalogues - 1`, `eval_size` held out from
    the `HELD_OUT_CATALOGUES` stores `HELD_OUT_STORE ..` that no training example used. One
    vocabulary of every text of the task (`catalogue.vocabulary_texts`).
-2. The retriever: a CLIP `DualEncoder` trained `retriever_epochs` epochs on image / product-name
+2. The retriever (the task's `pretrain` hook): a CLIP `DualEncoder` trained `retriever_epochs` epochs on image / product-name
    pairs (`train_retriever`); an index of the 24 product names ranks the entries of every
    catalogue (`product_index`).
 3. The reader: trained `epochs` epochs on the `top_k` entries retrieved from each example's own
@@ -28,47 +29,38 @@ import json
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 
-from kvlm.data import (
-    build_vocabulary,
-    catalogue,
-    load_vocabulary,
-    make_context_dataset,
-    make_dataset,
-    make_pair_dataset,
-    make_tokenizer,
-)
+from kvlm.data import build_vocabulary, catalogue, make_context_dataset, make_dataset, make_pair_dataset, make_tokenizer
 from kvlm.models import (
     DualEncoder,
     KnowledgeIndex,
     RetrievalAugmentedVLM,
     RetrievalReader,
     build_index,
-    get_preset,
     query_embeddings,
 )
-from kvlm.training.callbacks import restored_step
-from kvlm.training.distribution import Distribution
-from kvlm.training.run import (
+from kvlm.runs import (
     BACKUP_DIR,
     CHECKPOINT_FILE,
     LOGS_DIR,
     MODEL_FILE,
     RUN_FILE,
+    Run,
     TrainConfig,
-    _output_dir,
-    _summary,
-    _write_run_files,
-    compile_classifier,
-    fit_resumed,
-    run_callback_list,
+    load_run,
+    read_vocabulary,
+    write_config,
 )
+from kvlm.tasks.base import ClassifierTask, TrainData, trained_line
+from kvlm.tasks.rag import INFO
+from kvlm.training.distribution import Distribution
 
 RAG_FILE = "rag.json"
 INDEX_DIR = "index"
@@ -85,32 +77,28 @@ VOCABULARY_STORES = 50
 HELD_OUT_SEED, INDEX_STORE_SEED = 1, 2
 
 
-def check_rag(config: TrainConfig) -> None:
-    """Raises `ValueError` for options the rag task cannot use."""
-    given = [flag for flag, value in (("--data-dir", config.data_dir), ("--datasets", config.datasets)) if value]
-    if given:
-        raise ValueError(
-            f"The rag task trains on the product-catalogue task (kvlm.data.catalogue), not on other data: "
-            f"drop {' and '.join(given)}."
-        )
+def check_options(config: TrainConfig) -> None:
+    """Raises `ValueError` for option values the rag task cannot use."""
+    options = config.options
     products = len(catalogue.PRODUCTS)
-    if not 1 <= config.top_k <= products:
-        raise ValueError(f"`top_k` must be between 1 and the {products} catalogue entries. Received: top_k={config.top_k}")
-    if not 1 <= config.train_catalogues <= HELD_OUT_STORE:
+    if not 1 <= options["top_k"] <= products:
+        raise ValueError(f"`top_k` must be between 1 and the {products} catalogue entries. Received: top_k={options['top_k']}")
+    if not 1 <= options["train_catalogues"] <= HELD_OUT_STORE:
         raise ValueError(
             f"`train_catalogues` must be between 1 and {HELD_OUT_STORE} (held-out stores start at {HELD_OUT_STORE}). "
-            f"Received: train_catalogues={config.train_catalogues}"
+            f"Received: train_catalogues={options['train_catalogues']}"
         )
-    for name in ("retriever_epochs", "train_size", "eval_size"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"`{name}` must be >= 1 for the rag task. Received: {name}={getattr(config, name)}")
-    if config.index_store is None:
+    values = {"retriever_epochs": options["retriever_epochs"], "train_size": config.train_size, "eval_size": config.eval_size}
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"`{name}` must be >= 1 for the rag task. Received: {name}={value}")
+    if options["index_store"] is None:
         raise ValueError("`index_store` must be a store seed: its catalogue goes into the trained model's index.")
 
 
 def train_stores(config: TrainConfig) -> list[int]:
     """The training stores `0 .. train_catalogues - 1`."""
-    return list(range(config.train_catalogues))
+    return list(range(config.options["train_catalogues"]))
 
 
 def held_out_stores() -> list[int]:
@@ -129,14 +117,15 @@ def rag_examples(config: TrainConfig, image_size: int) -> tuple[list, list]:
 
 def index_store_examples(config: TrainConfig, size: int | None = None, image_size: int = 32) -> list:
     """`size` (default `eval_size`) fresh examples of the store whose catalogue is in a rag run's index."""
-    if config.index_store is None:
+    options = config.options
+    if options["index_store"] is None:
         raise ValueError(
-            f"The index of this run ({config.index_dir}) is not a product catalogue: there are no examples to "
+            f"The index of this run ({options['index_dir']}) is not a product catalogue: there are no examples to "
             "generate for it. Evaluate on a folder of examples instead (`kvlm evaluate --data-dir DIR`)."
         )
     size = config.eval_size if size is None else size
     return catalogue.generate(
-        size, seed=config.seed + INDEX_STORE_SEED, catalogue_seeds=[config.index_store], image_size=image_size
+        size, seed=config.seed + INDEX_STORE_SEED, catalogue_seeds=[options["index_store"]], image_size=image_size
     )
 
 
@@ -244,117 +233,6 @@ def chance_accuracy(examples: Sequence) -> float:
     return float(np.mean([per_field[e.extra["field"]] for e in examples]))
 
 
-def fit_rag(
-    config: TrainConfig,
-    strategy: str | Distribution | None = "auto",
-    callbacks: list | None = None,
-    verbose: int | str = "auto",
-    *,
-    checkpoint: bool = True,
-    backup_freq: int | str | None = None,
-    tensorboard: bool = False,
-) -> dict[str, Any]:
-    """Trains the retriever, then the reader, and writes the rag run folder (see the module docstring).
-
-    Arguments as for `kvlm.training.fit`; `strategy` must be `auto` or `one_device` (see
-    `kvlm.training.tasks.task_distribution`). Backups hold the whole model's weights; the
-    retriever is kept in `retriever.keras` until the run ends, so a resumed run reads the same
-    contexts. The callbacks (`run_callback_list`) see the reader's training only.
-
-    Returns the summary of `fit` with `task` and `rag` (the content of `rag.json`); the held-out
-    `metrics` are the loss and accuracy on unseen stores with their own retrieved contexts.
-    """
-    from kvlm.training.tasks import _stream, task_distribution
-
-    check_rag(config)
-    distribution = task_distribution(config.task, strategy)
-    out = _output_dir(config, distribution)
-    out.mkdir(parents=True, exist_ok=True)
-    keras.utils.set_random_seed(config.seed)
-    preset = get_preset(config.preset) | config.overrides
-    image_size = preset["image_size"]
-    train_examples, held_out = rag_examples(config, image_size)
-    vocabulary = rag_vocabulary(config)
-    tokenizer = make_tokenizer(vocabulary, preset["sequence_length"])
-    context_tokenizer = make_tokenizer(vocabulary, CONTEXT_LENGTH)
-    answers = list(catalogue.ANSWERS)
-    steps_per_epoch = -(-len(train_examples) // config.batch_size)
-    total_steps = config.epochs * steps_per_epoch
-
-    with distribution.scope():
-        # 1. The retriever (reused when resuming from a backup) and the product-name index.
-        retriever_path = out / RETRIEVER_FILE
-        start = time.perf_counter()
-        if backup_freq is not None and (out / BACKUP_DIR).is_dir() and retriever_path.is_file():
-            retriever = keras.saving.load_model(retriever_path)
-        else:
-            retriever = without_optimizer(train_retriever(
-                train_examples, tokenizer, len(vocabulary), preset=config.preset, encoder=config.encoder,
-                learning_rate=config.learning_rate, batch_size=config.batch_size, epochs=config.retriever_epochs,
-                seed=config.seed, overrides=config.overrides,
-            ))
-            retriever.save(retriever_path)
-        retriever_seconds = time.perf_counter() - start
-        names = product_index(retriever, tokenizer)
-        train_contexts = store_contexts(retriever, names, train_examples, config.top_k, context_tokenizer)
-        held_out_ids = retrieve_products(retriever, names, held_out, config.top_k)
-        held_out_contexts = catalogue.retrieved_contexts(held_out, held_out_ids, context_tokenizer)
-        index = store_index(retriever, tokenizer, config.index_store, out)
-
-        # 2. The reader, in a model holding the index store's catalogue (training skips retrieval).
-        keras.utils.set_random_seed(config.seed)
-        reader = RetrievalReader.from_preset(
-            config.preset, num_classes=len(answers), vocabulary_size=len(vocabulary), top_k=config.top_k,
-            context_length=CONTEXT_LENGTH, encoder=config.encoder, **config.overrides,
-        )
-        model = RetrievalAugmentedVLM.from_index(reader, retriever, index, context_tokenizer)
-        compile_classifier(model, config, total_steps)
-        model.optimizer.build(model.trainable_variables)
-    done = restored_step(model, out / BACKUP_DIR) if backup_freq is not None else 0
-    _write_run_files(out, config, vocabulary, answers)
-
-    run_callbacks = run_callback_list(
-        out, callbacks, done=done, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-        checkpoint=checkpoint, backup_freq=backup_freq, tensorboard=tensorboard,
-    )
-    eval_data = make_context_dataset(held_out, held_out_contexts, tokenizer, answers, image_size, 256)
-    stream = _stream(
-        lambda seed: make_context_dataset(
-            train_examples, train_contexts, tokenizer, answers, image_size, config.batch_size,
-            shuffle=True, augment=config.augment, seed=seed,
-        ),
-        config.seed, first_pass=done // steps_per_epoch,
-    )
-    history, seconds = fit_resumed(
-        model, stream, done=done, steps_per_epoch=steps_per_epoch, epochs=config.epochs, eval_data=eval_data,
-        callbacks=run_callbacks, verbose=verbose,
-    )
-    model.save(out / MODEL_FILE)
-    index.save(out / INDEX_DIR)
-    retriever_path.unlink(missing_ok=True)
-    metrics = model.evaluate(eval_data, return_dict=True, verbose=0)
-
-    # 3. The saved model alone: in-graph retrieval from the index store's catalogue.
-    store_examples = index_store_examples(config, image_size=image_size)
-    store_logits = model.predict(make_dataset(store_examples, tokenizer, answers, image_size, 256), verbose=0)
-    report = rag_report(
-        config, held_out, _accuracy(model.predict(eval_data, verbose=0), held_out),
-        retriever_recall(held_out_ids, held_out), retriever_seconds, store_examples, _accuracy(store_logits, store_examples),
-    )
-    (out / RAG_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-
-    summary = _summary(history, metrics, seconds, train_examples, held_out, answers, out)
-    return summary | {
-        "task": config.task,
-        "strategy": distribution.name,
-        "replicas": 1,
-        "workers": 1,
-        "steps": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
-        "resumed_from_step": done,
-        "rag": report,
-    }
-
-
 def rag_report(
     config: TrainConfig,
     held_out: Sequence,
@@ -371,17 +249,18 @@ def rag_report(
     `index_store`: accuracy of the saved model alone (in-graph retrieval from its index) on
     fresh examples of the index store; `chance`: guessing a value of the asked field.
     """
+    options = config.options
     return {
-        "top_k": config.top_k,
-        "train_catalogues": config.train_catalogues,
+        "top_k": options["top_k"],
+        "train_catalogues": options["train_catalogues"],
         "held_out_catalogues": HELD_OUT_CATALOGUES,
         "held_out_stores": [HELD_OUT_STORE, HELD_OUT_STORE + HELD_OUT_CATALOGUES - 1],
         "held_out_examples": len(held_out),
         "held_out_accuracy": held_out_accuracy,
         "chance": chance_accuracy(held_out),
-        "retriever": {"epochs": config.retriever_epochs, **recall, "train_seconds": retriever_seconds},
+        "retriever": {"epochs": options["retriever_epochs"], **recall, "train_seconds": retriever_seconds},
         "index_store": {
-            "store": config.index_store,
+            "store": options["index_store"],
             "entries": len(catalogue.PRODUCTS),
             "examples": len(store_examples),
             "in_graph_accuracy": store_accuracy,
@@ -400,6 +279,127 @@ def format_rag(report: dict[str, Any]) -> str:
         f"index store {store['store']}: accuracy {store['in_graph_accuracy']:.4f} on {store['examples']} fresh examples "
         "with in-graph retrieval (the saved model alone)",
     ])
+
+
+class RagTask(ClassifierTask):
+    """Retriever (`pretrain`), then reader, in a `RetrievalAugmentedVLM` holding the index store's catalogue."""
+
+    info = INFO
+    export_description = ClassifierTask.export_description.replace(
+        ": ", " (answers from the model's built-in index): ", 1
+    )
+
+    def configure(self, config: TrainConfig) -> TrainConfig:
+        check_options(config)
+        return config
+
+    def prepare(self, config: TrainConfig) -> TrainData:
+        """Catalogue examples (`rag_examples`), the task's vocabulary, tokenizers and answers."""
+        preset = self.preset(config)
+        train, held_out = rag_examples(config, preset["image_size"])
+        vocabulary = rag_vocabulary(config)
+        return TrainData(
+            train, held_out, vocabulary, make_tokenizer(vocabulary, preset["sequence_length"]), preset["image_size"],
+            list(catalogue.ANSWERS), extra={"context_tokenizer": make_tokenizer(vocabulary, CONTEXT_LENGTH)},
+        )
+
+    def pretrain(self, config: TrainConfig, data: TrainData, out: Path, resuming: bool) -> None:
+        """Trains the retriever (or reloads it from `retriever.keras` when resuming) and retrieves every
+        example's contexts; builds the index of the index store."""
+        options, extra = config.options, data.extra
+        retriever_path = out / RETRIEVER_FILE
+        start = time.perf_counter()
+        if resuming and retriever_path.is_file():
+            retriever = keras.saving.load_model(retriever_path)
+        else:
+            retriever = without_optimizer(train_retriever(
+                data.train, data.tokenizer, len(data.vocabulary), preset=config.preset, encoder=config.encoder,
+                learning_rate=config.learning_rate, batch_size=config.batch_size, epochs=options["retriever_epochs"],
+                seed=config.seed, overrides=config.overrides,
+            ))
+            retriever.save(retriever_path)
+        extra["retriever_seconds"] = time.perf_counter() - start
+        names = product_index(retriever, data.tokenizer)
+        extra["train_contexts"] = store_contexts(
+            retriever, names, data.train, options["top_k"], extra["context_tokenizer"]
+        )
+        extra["held_out_ids"] = retrieve_products(retriever, names, data.held_out, options["top_k"])
+        extra["held_out_contexts"] = catalogue.retrieved_contexts(
+            data.held_out, extra["held_out_ids"], extra["context_tokenizer"]
+        )
+        extra["retriever"] = retriever
+        extra["index"] = store_index(retriever, data.tokenizer, options["index_store"], out)
+
+    def build_model(self, config: TrainConfig, data: TrainData, steps: int) -> keras.Model:
+        keras.utils.set_random_seed(config.seed)
+        reader = RetrievalReader.from_preset(
+            config.preset, num_classes=len(data.answers), vocabulary_size=len(data.vocabulary),
+            top_k=config.options["top_k"], context_length=CONTEXT_LENGTH, encoder=config.encoder, **config.overrides,
+        )
+        model = RetrievalAugmentedVLM.from_index(
+            reader, data.extra["retriever"], data.extra["index"], data.extra["context_tokenizer"]
+        )
+        return self.compile(model, config, steps)
+
+    def train_pass(self, config: TrainConfig, data: TrainData, seed: tf.Tensor) -> tf.data.Dataset:
+        return make_context_dataset(
+            data.train, data.extra["train_contexts"], data.tokenizer, data.answers, data.image_size,
+            config.batch_size, shuffle=True, augment=config.augment, seed=seed,
+        )
+
+    def eval_dataset(self, config: TrainConfig, data: TrainData, examples: Sequence, batch_size: int) -> tf.data.Dataset:
+        contexts = data.extra["held_out_contexts"][: len(examples)]
+        return make_context_dataset(examples, contexts, data.tokenizer, data.answers, data.image_size, batch_size)
+
+    def after_training(
+        self, config: TrainConfig, data: TrainData, model: keras.Model, out: Path, distribution: Distribution
+    ) -> dict[str, Any]:
+        """Saves `index/`, drops `retriever.keras` and writes `rag.json` (`rag_report`)."""
+        extra = data.extra
+        extra["index"].save(out / INDEX_DIR)
+        (out / RETRIEVER_FILE).unlink(missing_ok=True)
+        eval_data = self.eval_dataset(config, data, data.held_out, self.eval_batch)
+        # The saved model alone: in-graph retrieval from the index store's catalogue.
+        store_examples = index_store_examples(config, image_size=data.image_size)
+        store_data = make_dataset(store_examples, data.tokenizer, data.answers, data.image_size, 256)
+        report = rag_report(
+            config, data.held_out, _accuracy(model.predict(eval_data, verbose=0), data.held_out),
+            retriever_recall(extra["held_out_ids"], data.held_out), extra["retriever_seconds"], store_examples,
+            _accuracy(model.predict(store_data, verbose=0), store_examples),
+        )
+        (out / RAG_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        return {"rag": report}
+
+    def summary_lines(self, summary: dict[str, Any]) -> list[str]:
+        metrics, out = summary["metrics"], Path(summary["output"])
+        return [
+            trained_line(
+                summary, f"held-out loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.4f} (unseen stores)"
+            ),
+            format_rag(summary["rag"]),
+            f"rag: {out / RAG_FILE}, index {out / INDEX_DIR}",
+        ]
+
+    def evaluation_examples(self, run: Run, size: int | None = None) -> list:
+        """Fresh examples of the store whose catalogue is in the model's index (`index_store_examples`)."""
+        return index_store_examples(run.config, size, run.model.backbone.image_size)
+
+    def evaluate(self, run: Run, examples: Sequence, held_out: bool = True) -> dict[str, Any]:
+        """The classifier report with `index_store` (None for examples from a folder)."""
+        report = super().evaluate(run, examples, held_out)
+        return report | {"index_store": run.config.options["index_store"] if held_out else None}
+
+    def format_report(self, report: dict[str, Any]) -> str:
+        text = super().format_report(report)
+        if report.get("index_store") is None:
+            return text
+        return f"in-graph retrieval from the catalogue of store {report['index_store']} in the model's index\n{text}"
+
+    def dual_encoder(self, run: Run) -> keras.Model:
+        return run.model.retriever
+
+
+TASK = RagTask
 
 
 # -- another index in a trained model ---------------------------------------------------------
@@ -421,20 +421,17 @@ def attach_index(run_dir: str | Path, index_dir: str | Path, output: str | Path)
             the retriever (another embedding dim or another dual encoder) or the reader (fewer
             entries than `top_k`).
     """
-    from kvlm.training.run import load_run
-    from kvlm.training.tasks import read_task
-
     run_dir, output = Path(run_dir), Path(output)
-    task = read_task(run_dir)
-    if task != "rag":
+    run = load_run(run_dir)
+    if run.config.task != INFO.name:
         raise ValueError(
-            f"{run_dir} is a {task} run; `kvlm index attach` puts an index into a retrieval-augmented model: "
+            f"{run_dir} is a {run.config.task} run; `kvlm index attach` puts an index into a retrieval-augmented model: "
             "pass a `kvlm train --task rag` run folder as --model."
         )
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise ValueError(f"{output} already exists and is not an empty folder: choose a new run folder for --output.")
     index = KnowledgeIndex.load(index_dir)
-    model, _, _, config = load_run(run_dir)
+    model = run.model
     retriever = model.retriever
     if index.embedding_dim != retriever.embedding_dim:
         raise ValueError(
@@ -451,17 +448,18 @@ def attach_index(run_dir: str | Path, index_dir: str | Path, output: str | Path)
         raise ValueError(
             f"The index at {index_dir} has {len(index)} entries; the reader reads top_k={model.reader.top_k}."
         )
-    context_tokenizer = make_tokenizer(load_vocabulary(run_dir), model.reader.context_length)
+    context_tokenizer = make_tokenizer(read_vocabulary(run_dir), model.reader.context_length)
     attached = RetrievalAugmentedVLM.from_index(model.reader, retriever, index, context_tokenizer, query=model.query)
 
     store = index.metadata.get("catalogue")
-    config = replace(
-        config, output=str(output), index_store=None if store is None else int(store),
-        index_dir=str(Path(index_dir).resolve()),
-    )
+    options = {
+        **run.config.options, "index_store": None if store is None else int(store),
+        "index_dir": str(Path(index_dir).resolve()),
+    }
+    config = replace(run.config, output=str(output), task_options=options)
     skip = (MODEL_FILE, CHECKPOINT_FILE, RETRIEVER_FILE, BACKUP_DIR, LOGS_DIR, INDEX_DIR, RUN_FILE)
     shutil.copytree(run_dir, output, ignore=shutil.ignore_patterns(*skip), dirs_exist_ok=True)
     attached.save(output / MODEL_FILE)
     index.save(output / INDEX_DIR)
-    (output / RUN_FILE).write_text(json.dumps(asdict(config), indent=2), encoding="utf-8")
-    return {"output": str(output), "entries": len(index), "index_store": config.index_store, "index_dir": config.index_dir}
+    write_config(output, config)
+    return {"output": str(output), "entries": len(index), "index_store": options["index_store"], "index_dir": options["index_dir"]}
