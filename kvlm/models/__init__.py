@@ -8,6 +8,7 @@ from kvlm.models.distiller import DistillationKL, Distiller
 from kvlm.models.dual_encoder import DualEncoder
 from kvlm.models.flops import count_parameters, forward_flops, model_profile
 from kvlm.models.knowledge import KnowledgeIndex, build_index, query_embeddings
+from kvlm.models.preprocessor import VLMPreprocessor
 from kvlm.models.presets import PRESETS, get_preset
 from kvlm.models.rag import RetrievalAugmentedVLM, RetrievalReader
 
@@ -26,6 +27,7 @@ __all__ = [
     "SigLIPLoss",
     "VLMBackbone",
     "VLMClassifier",
+    "VLMPreprocessor",
     "build_index",
     "count_parameters",
     "forward_flops",

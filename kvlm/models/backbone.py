@@ -53,17 +53,16 @@ class VLMBackbone(keras.Model):
         dtype=None,
         **kwargs,
     ):
+        sizes = dict(
+            encoder=encoder, image_size=image_size, patch_size=patch_size, cnn_filters=cnn_filters,
+            cnn_stages=cnn_stages, sequence_length=sequence_length, hidden_dim=hidden_dim, num_heads=num_heads,
+            intermediate_dim=intermediate_dim, num_image_layers=num_image_layers, num_text_layers=num_text_layers,
+            dropout=dropout,
+        )
         images = keras.Input((image_size, image_size, 3), dtype="float32", name="images")
         token_ids = keras.Input((sequence_length,), dtype="int32", name="token_ids")
-        image_encoder = encoders.image_encoder(
-            encoder, image_size, hidden_dim, patch_size=patch_size, cnn_filters=cnn_filters,
-            cnn_stages=cnn_stages, num_layers=num_image_layers, num_heads=num_heads,
-            intermediate_dim=intermediate_dim, dropout=dropout, dtype=dtype,
-        )
-        text_encoder = encoders.text_encoder(
-            vocabulary_size, sequence_length, hidden_dim, num_layers=num_text_layers, num_heads=num_heads,
-            intermediate_dim=intermediate_dim, dropout=dropout, dtype=dtype,
-        )
+        image_encoder = encoders.image_encoder(sizes, dtype)
+        text_encoder = encoders.text_encoder(vocabulary_size, sizes, dtype)
         image_tokens = image_encoder(images)
         text_tokens = text_encoder(token_ids)
         text_mask = ops.not_equal(token_ids, 0)
@@ -94,19 +93,10 @@ class VLMBackbone(keras.Model):
             **kwargs,
         )
         self.vocabulary_size = vocabulary_size
-        self.image_size = image_size
-        self.encoder = encoder
-        self.patch_size = patch_size
-        self.cnn_filters = cnn_filters
-        self.cnn_stages = cnn_stages
-        self.sequence_length = sequence_length
-        self.hidden_dim = hidden_dim
-        self.num_heads = num_heads
-        self.intermediate_dim = intermediate_dim
-        self.num_image_layers = num_image_layers
-        self.num_text_layers = num_text_layers
+        self.sizes = sizes
+        for key, value in sizes.items():
+            setattr(self, key, value)
         self.num_fusion_layers = num_fusion_layers
-        self.dropout = dropout
         self.moe = moe
 
     @classmethod
@@ -118,8 +108,11 @@ class VLMBackbone(keras.Model):
 
     def get_config(self) -> dict[str, Any]:
         return {
-            **encoders.encoder_config(self),
-            "num_text_layers": self.num_text_layers,
+            "name": self.name,
+            "trainable": self.trainable,
+            "dtype": keras.dtype_policies.serialize(self.dtype_policy),
+            "vocabulary_size": self.vocabulary_size,
+            **self.sizes,
             "num_fusion_layers": self.num_fusion_layers,
             "moe": self.moe,
         }

@@ -9,6 +9,9 @@ import keras_hub
 from keras import ops
 
 from kvlm.models import encoders
+from kvlm.models import preset_dir
+from kvlm.models.composite import Composite, OwnLoss
+from kvlm.models.preprocessor import VLMPreprocessor, check_preprocessor
 from kvlm.models.presets import get_preset
 
 SAMPLERS = ("greedy", "beam", "top_k")
@@ -16,8 +19,6 @@ SAMPLERS = ("greedy", "beam", "top_k")
 # a caption is `[CLS] words [SEP]`, padded with `[PAD]` (id 0).
 DEFAULT_START_TOKEN_ID = 2
 DEFAULT_END_TOKEN_ID = 3
-# Preset keys that configure parts a captioner does not have.
-_UNUSED_PRESET_KEYS = ("num_text_layers", "moe")
 # The captioner's MoE blocks never drop tokens unless asked to: with a capacity limit, a later
 # token can take an earlier token's expert slot, so the earlier token's output would depend on
 # the future (the decoder would no longer be causal) and generation would not match teacher forcing.
@@ -68,6 +69,10 @@ class CaptionDecoder(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if vocabulary_size < 2:
+            raise ValueError(f"`vocabulary_size` must be >= 2. Received: vocabulary_size={vocabulary_size}")
+        if sequence_length < 2:
+            raise ValueError(f"`sequence_length` must be >= 2. Received: sequence_length={sequence_length}")
         if num_layers < 1:
             raise ValueError(f"`num_layers` must be >= 1. Received: num_layers={num_layers}")
         self.vocabulary_size = vocabulary_size
@@ -167,13 +172,14 @@ def get_sampler(sampler, num_beams: int = 4, k: int = 5, temperature: float = 1.
 
 
 @keras.saving.register_keras_serializable(package="kvlm")
-class Captioner(keras.Model):
-    """Image captioner: the preset's image encoder feeds a causal Transformer decoder.
+class Captioner(OwnLoss, Composite, keras.Model):
+    """Image captioner: an image encoder feeds a causal Transformer decoder.
 
-    The image encoder (`"vit"` or `"cnn"`) turns each image into `(num_image_tokens,
-    hidden_dim)` tokens; `CaptionDecoder` (keras-hub `TokenAndPositionEmbedding` and
-    `TransformerDecoder` layers with cross-attention to the image tokens, optional
-    residual SparseMoE blocks) predicts the next WordPiece token at every position.
+    `image_encoder` (a `ViTEncoder` or `CNNEncoder`) turns each image into
+    `(num_image_tokens, hidden_dim)` tokens; `decoder` (a `CaptionDecoder`: keras-hub
+    `TokenAndPositionEmbedding` and `TransformerDecoder` layers with cross-attention to the
+    image tokens, optional residual SparseMoE blocks) predicts the next WordPiece token at
+    every position.
 
     A functional `keras.Model` taking `{"images", "token_ids"}` and returning float32
     logits `(batch, sequence_length, vocabulary_size)`; the logits at position `t` score
@@ -189,119 +195,91 @@ class Captioner(keras.Model):
     for strings and BLEU.
 
     Args:
-        vocabulary_size: Number of token ids (0 is padding).
+        image_encoder: The image encoder layer (with an `image_size`).
+        decoder: A `CaptionDecoder`; its `sequence_length` is the longest caption including
+            its start and end tokens.
         start_token_id, end_token_id: Ids that begin and end a caption (`[CLS]`, `[SEP]`).
-        num_decoder_layers: Depth of the decoder.
-        moe: Optional `kvlm.layers.SparseMoE` arguments (see `CaptionDecoder`).
-        image_size, encoder, patch_size, cnn_filters, cnn_stages, sequence_length,
-        hidden_dim, num_heads, intermediate_dim, num_image_layers, dropout: As for
-        `VLMBackbone`; `sequence_length` is the longest caption including its start and
-        end tokens.
+        preprocessor: Optional `VLMPreprocessor` (tokenizer, image size) saved with the model.
 
     Example:
         >>> model = Captioner.from_preset("kvlm_tiny", vocabulary_size=100, sequence_length=32)
         >>> model.compile(optimizer="adam")
     """
 
+    LOSS = "its own masked next-token cross-entropy"
+    PARTS = ("image_encoder", "decoder", "preprocessor")
+    OPTIONS = ("start_token_id", "end_token_id")
+
     def __init__(
         self,
-        vocabulary_size: int,
+        image_encoder: keras.layers.Layer,
+        decoder: CaptionDecoder,
         start_token_id: int = DEFAULT_START_TOKEN_ID,
         end_token_id: int = DEFAULT_END_TOKEN_ID,
-        num_decoder_layers: int = 2,
-        moe: dict[str, Any] | None = None,
-        image_size: int = 32,
-        encoder: str = "vit",
-        patch_size: int = 4,
-        cnn_filters: int = 32,
-        cnn_stages: int = 2,
-        sequence_length: int = 32,
-        hidden_dim: int = 64,
-        num_heads: int = 4,
-        intermediate_dim: int = 128,
-        num_image_layers: int = 1,
-        dropout: float = 0.0,
-        dtype=None,
+        preprocessor: VLMPreprocessor | None = None,
         **kwargs,
     ):
-        if vocabulary_size < 2:
-            raise ValueError(f"`vocabulary_size` must be >= 2. Received: vocabulary_size={vocabulary_size}")
+        check_preprocessor(preprocessor, image_encoder.image_size, decoder.sequence_length)
         for arg, value in (("start_token_id", start_token_id), ("end_token_id", end_token_id)):
-            if not 0 < value < vocabulary_size:
+            if not 0 < value < decoder.vocabulary_size:
                 raise ValueError(
                     f"`{arg}` must be a non-padding id below `vocabulary_size`. "
-                    f"Received: {arg}={value}, vocabulary_size={vocabulary_size}"
+                    f"Received: {arg}={value}, vocabulary_size={decoder.vocabulary_size}"
                 )
         if start_token_id == end_token_id:
             raise ValueError(
                 "`start_token_id` and `end_token_id` must differ. "
                 f"Received: start_token_id={start_token_id}, end_token_id={end_token_id}"
             )
-        if sequence_length < 2:
-            raise ValueError(f"`sequence_length` must be >= 2. Received: sequence_length={sequence_length}")
-
+        image_size = image_encoder.image_size
         images = keras.Input((image_size, image_size, 3), dtype="float32", name="images")
-        token_ids = keras.Input((sequence_length,), dtype="int32", name="token_ids")
-        image_encoder = encoders.image_encoder(
-            encoder, image_size, hidden_dim, patch_size=patch_size, cnn_filters=cnn_filters,
-            cnn_stages=cnn_stages, num_layers=num_image_layers, num_heads=num_heads,
-            intermediate_dim=intermediate_dim, dropout=dropout, dtype=dtype,
-        )
-        decoder = CaptionDecoder(
-            vocabulary_size, sequence_length, hidden_dim, num_heads, intermediate_dim,
-            num_decoder_layers, dropout, moe=moe, dtype=dtype, name="decoder",
-        )
+        token_ids = keras.Input((decoder.sequence_length,), dtype="int32", name="token_ids")
         logits = decoder(token_ids, image_encoder(images))
-        super().__init__(
-            inputs={"images": images, "token_ids": token_ids}, outputs=logits, dtype=dtype, **kwargs
-        )
-        self.vocabulary_size = vocabulary_size
+        super().__init__(inputs={"images": images, "token_ids": token_ids}, outputs=logits, **kwargs)
+        self.image_encoder = image_encoder
+        self.decoder = decoder
+        self.preprocessor = preprocessor
         self.start_token_id = start_token_id
         self.end_token_id = end_token_id
-        self.num_decoder_layers = num_decoder_layers
-        self.moe = None if moe is None else dict(moe)
-        self.image_size = image_size
-        self.encoder = encoder
-        self.patch_size = patch_size
-        self.cnn_filters = cnn_filters
-        self.cnn_stages = cnn_stages
-        self.sequence_length = sequence_length
-        self.hidden_dim = hidden_dim
-        self.num_heads = num_heads
-        self.intermediate_dim = intermediate_dim
-        self.num_image_layers = num_image_layers
-        self.dropout = dropout
 
     @classmethod
-    def from_preset(cls, preset: str, vocabulary_size: int, **overrides) -> "Captioner":
-        """Builds a captioner with a preset's sizes; `overrides` replace any argument.
+    def from_preset(cls, preset: str, vocabulary_size: int | None = None, **overrides) -> "Captioner":
+        """A captioner with a built-in preset's image encoder and sizes (`overrides` replace any
+        of them), or the captioner saved in the preset folder `preset`.
 
-        The decoder depth (`num_decoder_layers`) is the preset's `num_fusion_layers`, the
-        depth of its image-text stack; the preset's text-encoder depth does not apply.
+        The decoder depth (`num_decoder_layers`) defaults to the preset's `num_fusion_layers`,
+        the depth of its image-text stack; `moe` gives the decoder residual SparseMoE blocks.
         """
-        config = get_preset(preset)
-        for key in _UNUSED_PRESET_KEYS:
-            config.pop(key, None)
-        config["num_decoder_layers"] = config.pop("num_fusion_layers")
-        config.update(overrides)
-        return cls(vocabulary_size=vocabulary_size, **config)
+        if preset_dir.is_preset_dir(preset):
+            return preset_dir.load_preset(preset, cls)
+        preset_dir.require(preset, vocabulary_size=vocabulary_size)
+        sizes, options = encoders.preset_sizes(preset, overrides)
+        dtype = options.pop("dtype", None)
+        num_layers = options.pop("num_decoder_layers", get_preset(preset)["num_fusion_layers"])
+        decoder = CaptionDecoder(
+            vocabulary_size, sizes["sequence_length"], sizes["hidden_dim"], sizes["num_heads"],
+            sizes["intermediate_dim"], num_layers, sizes["dropout"], moe=options.pop("moe", None),
+            dtype=dtype, name="decoder",
+        )
+        return cls(encoders.image_encoder(sizes, dtype), decoder, **options)
+
+    @property
+    def image_size(self) -> int:
+        return self.image_encoder.image_size
+
+    @property
+    def sequence_length(self) -> int:
+        return self.decoder.sequence_length
+
+    @property
+    def vocabulary_size(self) -> int:
+        return self.decoder.vocabulary_size
+
+    @property
+    def num_decoder_layers(self) -> int:
+        return self.decoder.num_layers
 
     # -- training -------------------------------------------------------------------------
-
-    def compile(self, optimizer="rmsprop", loss=None, **kwargs):
-        """`keras.Model.compile` without `loss`: the masked token cross-entropy is set by the model."""
-        if loss is not None:
-            raise ValueError(
-                "Captioner computes its own masked next-token cross-entropy; "
-                f"leave `loss` out of compile(). Received: loss={loss!r}"
-            )
-        super().compile(optimizer=optimizer, **kwargs)
-
-    def compile_from_config(self, config):
-        config = keras.saving.deserialize_keras_object(config)
-        self.compile(**config)
-        if getattr(self, "optimizer", None) is not None and self.built:
-            self.optimizer.build(self.trainable_variables)
 
     @staticmethod
     def next_token_targets(token_ids):
@@ -327,7 +305,7 @@ class Captioner(keras.Model):
 
     def image_tokens(self, images, training=False):
         """The image encoder's tokens `(batch, num_image_tokens, hidden_dim)`."""
-        return self.get_layer("image_encoder")(images, training=training)
+        return self.image_encoder(images, training=training)
 
     def generate_token_ids(self, images, max_length: int | None = None, sampler="greedy"):
         """Backend tensor version of `generate` (traceable: used inside exported graphs)."""
@@ -338,7 +316,7 @@ class Captioner(keras.Model):
                 f"Received: max_length={max_length}"
             )
         sampler = get_sampler(sampler)
-        decoder = self.get_layer("decoder")
+        decoder = self.decoder
         images = ops.convert_to_tensor(images, "float32")
         image_tokens = self.image_tokens(images)
         batch = ops.shape(images)[0]
@@ -435,16 +413,3 @@ class Captioner(keras.Model):
             return token_ids
 
         return generate
-
-    def get_config(self) -> dict[str, Any]:
-        return {
-            **encoders.encoder_config(self),
-            "start_token_id": self.start_token_id,
-            "end_token_id": self.end_token_id,
-            "num_decoder_layers": self.num_decoder_layers,
-            "moe": self.moe,
-        }
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)

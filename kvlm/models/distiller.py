@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import keras
 from keras import ops
+
+from kvlm.models.composite import Composite
 
 DEFAULT_ALPHA = 0.1
 DEFAULT_TEMPERATURE = 3.0
@@ -47,7 +47,7 @@ class DistillationKL(keras.losses.Loss):
 
 
 @keras.saving.register_keras_serializable(package="kvlm")
-class Distiller(keras.Model):
+class Distiller(Composite, keras.Model):
     """Trains a `student` classifier to match a frozen `teacher` and the labels.
 
     Both models map the same inputs (for `VLMClassifier`: `{"images", "token_ids"}`)
@@ -93,10 +93,15 @@ class Distiller(keras.Model):
         >>> distiller.student.save("student.keras")
     """
 
+    PARTS = ("teacher", "student")
+
     def __init__(self, teacher: keras.Model, student: keras.Model, **kwargs):
         super().__init__(**kwargs)
         if teacher is student:
             raise ValueError("`teacher` and `student` must be different models.")
+        # Freeze every layer of the teacher. A model deserialized with trainable=False has not
+        # passed the flag on to its layers, and the setter only does on a change.
+        teacher.trainable = True
         teacher.trainable = False
         self.teacher = teacher
         self.student = student
@@ -162,12 +167,6 @@ class Distiller(keras.Model):
         )
         return config
 
-    def compile_from_config(self, config):
-        config = keras.saving.deserialize_keras_object(config)
-        self.compile(**config)
-        if getattr(self, "optimizer", None) is not None and self.built:
-            self.optimizer.build(self.trainable_variables)
-
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         """`alpha * task + (1 - alpha) * T**2 * KL(teacher || student)` plus the student's own losses."""
         if y_pred is None:
@@ -187,20 +186,3 @@ class Distiller(keras.Model):
             if id(extra) not in teacher_losses:
                 total = total + ops.cast(self._aggregate_additional_loss(extra), "float32")
         return total
-
-    # -- serialization ----------------------------------------------------------------
-
-    def get_config(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "trainable": self.trainable,
-            "teacher": keras.saving.serialize_keras_object(self.teacher),
-            "student": keras.saving.serialize_keras_object(self.student),
-        }
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["teacher"] = keras.saving.deserialize_keras_object(config["teacher"])
-        config["student"] = keras.saving.deserialize_keras_object(config["student"])
-        return cls(**config)

@@ -7,7 +7,10 @@ from typing import Any
 import keras
 from keras import ops
 
+from kvlm.layers import TextEncoder
 from kvlm.models import encoders
+from kvlm.models import preset_dir
+from kvlm.models.composite import Composite, OwnLoss
 from kvlm.models.contrastive import (
     DEFAULT_BIAS,
     DEFAULT_TEMPERATURE,
@@ -15,11 +18,9 @@ from kvlm.models.contrastive import (
     ContrastiveLogits,
     get_loss,
 )
-from kvlm.models.presets import get_preset
+from kvlm.models.preprocessor import VLMPreprocessor, check_preprocessor
 
 IMAGE_POOLINGS = ("attention", "mean")
-# Preset keys that configure the fusion stack, which a dual encoder does not have.
-_FUSION_KEYS = ("num_fusion_layers", "moe")
 
 
 @keras.saving.register_keras_serializable(package="kvlm")
@@ -94,13 +95,14 @@ class AttentionPooling(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="kvlm")
-class DualEncoder(keras.Model):
+class DualEncoder(OwnLoss, Composite, keras.Model):
     """Image and text towers trained with a contrastive loss (CLIP or SigLIP).
 
-    Image tower: the preset's image encoder (`"vit"` or `"cnn"`), pooled over its tokens
+    Image tower: `image_encoder` (a `ViTEncoder` or `CNNEncoder`, or any layer with an
+    `image_size` mapping images to `(batch, tokens, dim)`), pooled over its tokens
     (`image_pooling`), a linear projection to `embedding_dim` and L2 normalisation.
-    Text tower: `TextEncoder`, mean-pooled over the non-padding tokens (id 0 is padding),
-    a linear projection to `embedding_dim` and L2 normalisation.
+    Text tower: `text_encoder` (a `TextEncoder`), mean-pooled over the non-padding tokens
+    (id 0 is padding), a linear projection to `embedding_dim` and L2 normalisation.
 
     A functional `keras.Model` taking `{"images", "token_ids"}` and returning
     `{"image_embedding", "text_embedding"}`, float32 `(batch, embedding_dim)` unit
@@ -116,44 +118,39 @@ class DualEncoder(keras.Model):
     so shuffle the training data.
 
     Args:
-        vocabulary_size: Number of text token ids (0 is padding).
+        image_encoder: The image encoder layer.
+        text_encoder: A `kvlm.layers.TextEncoder`.
         embedding_dim: Width of the shared embedding space.
         loss: `"clip"` (symmetric InfoNCE) or `"siglip"` (pairwise sigmoid).
         initial_temperature: Starting temperature; default 0.07 (clip) or 0.1 (siglip).
         initial_bias: SigLIP only: starting logit bias; default -10.
         image_pooling: `"mean"` (default) or `"attention"` (a learned query, as SigLIP's MAP head).
-        image_size, encoder, patch_size, cnn_filters, cnn_stages, sequence_length,
-        hidden_dim, num_heads, intermediate_dim, num_image_layers, num_text_layers,
-        dropout: Encoder sizes, as for `VLMBackbone`.
+        pooling_heads: Heads of the attention pooling.
+        preprocessor: Optional `VLMPreprocessor` (tokenizer, image size) saved with the model.
 
     Example:
         >>> model = DualEncoder.from_preset("kvlm_tiny", vocabulary_size=100, loss="siglip")
         >>> model.compile(optimizer="adam")
     """
 
+    LOSS = "its own contrastive loss (chosen with `DualEncoder(loss=...)`)"
+    PARTS = ("image_encoder", "text_encoder", "preprocessor")
+    OPTIONS = ("embedding_dim", "initial_temperature", "initial_bias", "image_pooling", "pooling_heads")
+
     def __init__(
         self,
-        vocabulary_size: int,
+        image_encoder: keras.layers.Layer,
+        text_encoder: TextEncoder,
         embedding_dim: int = 64,
         loss: str = "clip",
         initial_temperature: float | None = None,
         initial_bias: float | None = None,
         image_pooling: str = "mean",
-        image_size: int = 32,
-        encoder: str = "vit",
-        patch_size: int = 4,
-        cnn_filters: int = 32,
-        cnn_stages: int = 2,
-        sequence_length: int = 16,
-        hidden_dim: int = 64,
-        num_heads: int = 4,
-        intermediate_dim: int = 128,
-        num_image_layers: int = 1,
-        num_text_layers: int = 1,
-        dropout: float = 0.0,
-        dtype=None,
+        pooling_heads: int = 4,
+        preprocessor: VLMPreprocessor | None = None,
         **kwargs,
     ):
+        check_preprocessor(preprocessor, image_encoder.image_size, text_encoder.sequence_length)
         if loss not in LOSSES:
             raise ValueError(f"`loss` must be one of {LOSSES}. Received: loss={loss!r}")
         if image_pooling not in IMAGE_POOLINGS:
@@ -169,22 +166,15 @@ class DualEncoder(keras.Model):
         if loss == "siglip" and initial_bias is None:
             initial_bias = DEFAULT_BIAS[loss]
 
+        image_size, sequence_length = image_encoder.image_size, text_encoder.sequence_length
         images = keras.Input((image_size, image_size, 3), dtype="float32", name="images")
         token_ids = keras.Input((sequence_length,), dtype="int32", name="token_ids")
-        image_encoder = encoders.image_encoder(
-            encoder, image_size, hidden_dim, patch_size=patch_size, cnn_filters=cnn_filters,
-            cnn_stages=cnn_stages, num_layers=num_image_layers, num_heads=num_heads,
-            intermediate_dim=intermediate_dim, dropout=dropout, dtype=dtype,
-        )
+        policy = image_encoder.dtype_policy
         if image_pooling == "attention":
-            image_pool = AttentionPooling(num_heads, dtype=dtype, name="image_pooling")
+            image_pool = AttentionPooling(pooling_heads, dtype=policy, name="image_pooling")
         else:
-            image_pool = MaskedMeanPooling(dtype=dtype, name="image_pooling")
-        text_encoder = encoders.text_encoder(
-            vocabulary_size, sequence_length, hidden_dim, num_layers=num_text_layers, num_heads=num_heads,
-            intermediate_dim=intermediate_dim, dropout=dropout, dtype=dtype,
-        )
-        text_pool = MaskedMeanPooling(dtype=dtype, name="text_pooling")
+            image_pool = MaskedMeanPooling(dtype=policy, name="image_pooling")
+        text_pool = MaskedMeanPooling(dtype=text_encoder.dtype_policy, name="text_pooling")
         # Projections and normalisation in float32, so embeddings are float32 under mixed precision.
         image_projection = keras.layers.Dense(
             embedding_dim, use_bias=False, dtype="float32", name="image_projection"
@@ -202,7 +192,6 @@ class DualEncoder(keras.Model):
         super().__init__(
             inputs={"images": images, "token_ids": token_ids},
             outputs={"image_embedding": image_embedding, "text_embedding": text_embedding},
-            dtype=dtype,
             **kwargs,
         )
         # Not part of the functional graph: used by `compute_loss` and saved as `logit_head`.
@@ -212,55 +201,49 @@ class DualEncoder(keras.Model):
         self.logit_head.build()
         self.contrastive_loss = get_loss(loss)
 
-        self.vocabulary_size = vocabulary_size
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.preprocessor = preprocessor
         self.embedding_dim = embedding_dim
         self.loss_type = loss
         self.initial_temperature = float(initial_temperature)
         self.initial_bias = None if initial_bias is None else float(initial_bias)
         self.image_pooling = image_pooling
-        self.image_size = image_size
-        self.encoder = encoder
-        self.patch_size = patch_size
-        self.cnn_filters = cnn_filters
-        self.cnn_stages = cnn_stages
-        self.sequence_length = sequence_length
-        self.hidden_dim = hidden_dim
-        self.num_heads = num_heads
-        self.intermediate_dim = intermediate_dim
-        self.num_image_layers = num_image_layers
-        self.num_text_layers = num_text_layers
-        self.dropout = dropout
+        self.pooling_heads = pooling_heads
 
     @classmethod
     def from_preset(
-        cls, preset: str, vocabulary_size: int, embedding_dim: int = 64, loss: str = "clip", **overrides
+        cls, preset: str, vocabulary_size: int | None = None, embedding_dim: int = 64, loss: str = "clip",
+        **overrides,
     ) -> "DualEncoder":
-        """Builds a dual encoder with a preset's encoder sizes; `overrides` replace any argument.
+        """A dual encoder with a built-in preset's encoders, or the one saved in the folder `preset`.
 
-        The preset's fusion settings (`num_fusion_layers`) do not apply and are ignored.
+        `overrides` replace encoder sizes or set other arguments; the preset's fusion
+        settings (`num_fusion_layers`) do not apply and are ignored.
         """
-        config = get_preset(preset)
-        for key in _FUSION_KEYS:
-            config.pop(key, None)
-        config.update(overrides)
-        return cls(vocabulary_size=vocabulary_size, embedding_dim=embedding_dim, loss=loss, **config)
+        if preset_dir.is_preset_dir(preset):
+            return preset_dir.load_preset(preset, cls)
+        preset_dir.require(preset, vocabulary_size=vocabulary_size)
+        sizes, options = encoders.preset_sizes(preset, overrides)
+        dtype = options.pop("dtype", None)
+        return cls(
+            encoders.image_encoder(sizes, dtype), encoders.text_encoder(vocabulary_size, sizes, dtype),
+            embedding_dim=embedding_dim, loss=loss, pooling_heads=sizes["num_heads"], **options,
+        )
+
+    @property
+    def image_size(self) -> int:
+        return self.image_encoder.image_size
+
+    @property
+    def sequence_length(self) -> int:
+        return self.text_encoder.sequence_length
+
+    @property
+    def vocabulary_size(self) -> int:
+        return self.text_encoder.vocabulary_size
 
     # -- training -------------------------------------------------------------------------
-
-    def compile(self, optimizer="rmsprop", loss=None, **kwargs):
-        """`keras.Model.compile` without `loss`: the contrastive loss is set by the model."""
-        if loss is not None:
-            raise ValueError(
-                "DualEncoder computes its own contrastive loss (chosen with `DualEncoder(loss=...)`); "
-                f"leave `loss` out of compile(). Received: loss={loss!r}"
-            )
-        super().compile(optimizer=optimizer, **kwargs)
-
-    def compile_from_config(self, config):
-        config = keras.saving.deserialize_keras_object(config)
-        self.compile(**config)
-        if getattr(self, "optimizer", None) is not None and self.built:
-            self.optimizer.build(self.trainable_variables)
 
     def similarity_logits(self, image_embeddings, text_embeddings):
         """`(n, m)` pair logits with the learned temperature (and bias)."""
@@ -291,16 +274,4 @@ class DualEncoder(keras.Model):
         return keras.Model(self.input["token_ids"], self.output["text_embedding"], name="text_tower")
 
     def get_config(self) -> dict[str, Any]:
-        return {
-            **encoders.encoder_config(self),
-            "embedding_dim": self.embedding_dim,
-            "loss": self.loss_type,
-            "initial_temperature": self.initial_temperature,
-            "initial_bias": self.initial_bias,
-            "image_pooling": self.image_pooling,
-            "num_text_layers": self.num_text_layers,
-        }
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
+        return {**super().get_config(), "loss": self.loss_type}

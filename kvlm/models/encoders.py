@@ -1,71 +1,52 @@
-"""The image and text encoders every task model builds from the same preset keys."""
+"""The encoder parts of the task models, built from a preset's sizes."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import keras
 
 from kvlm.layers import CNNEncoder, TextEncoder, ViTEncoder
+from kvlm.models.presets import get_preset
 
 ENCODERS = ("vit", "cnn")
+# Preset keys that size the encoders (`encoder` picks the image encoder; presets leave it to "vit").
+ENCODER_KEYS = (
+    "encoder", "image_size", "patch_size", "cnn_filters", "cnn_stages", "sequence_length",
+    "hidden_dim", "num_heads", "intermediate_dim", "num_image_layers", "num_text_layers", "dropout",
+)
 
 
-def image_encoder(
-    encoder: str,
-    image_size: int,
-    hidden_dim: int,
-    *,
-    patch_size: int,
-    cnn_filters: int,
-    cnn_stages: int,
-    num_layers: int,
-    num_heads: int,
-    intermediate_dim: int,
-    dropout: float,
-    dtype=None,
-) -> keras.layers.Layer:
-    """A `ViTEncoder` or `CNNEncoder` named `image_encoder`: images -> `(batch, tokens, hidden_dim)`."""
+def preset_sizes(preset: str, overrides: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`(sizes, options)`: the preset's `ENCODER_KEYS` with `overrides` applied, and the other overrides."""
+    config = {"encoder": "vit", **get_preset(preset)}
+    config.update({key: value for key, value in overrides.items() if key in ENCODER_KEYS})
+    sizes = {key: config[key] for key in ENCODER_KEYS}
+    return sizes, {key: value for key, value in overrides.items() if key not in ENCODER_KEYS}
+
+
+def image_encoder(sizes: Mapping[str, Any], dtype=None, name: str = "image_encoder") -> keras.layers.Layer:
+    """A `ViTEncoder` or `CNNEncoder` (`sizes["encoder"]`): images -> `(batch, tokens, hidden_dim)`."""
+    encoder = sizes["encoder"]
     if encoder not in ENCODERS:
         raise ValueError(f"`encoder` must be one of {ENCODERS}. Received: encoder={encoder!r}")
     if encoder == "vit":
         return ViTEncoder(
-            image_size, patch_size, hidden_dim, num_layers, num_heads, intermediate_dim,
-            dropout, dtype=dtype, name="image_encoder",
+            sizes["image_size"], sizes["patch_size"], sizes["hidden_dim"], sizes["num_image_layers"],
+            sizes["num_heads"], sizes["intermediate_dim"], sizes["dropout"], dtype=dtype, name=name,
         )
-    return CNNEncoder(image_size, hidden_dim, cnn_filters, cnn_stages, dtype=dtype, name="image_encoder")
-
-
-def text_encoder(
-    vocabulary_size: int,
-    sequence_length: int,
-    hidden_dim: int,
-    *,
-    num_layers: int,
-    num_heads: int,
-    intermediate_dim: int,
-    dropout: float,
-    dtype=None,
-) -> TextEncoder:
-    """A `TextEncoder` named `text_encoder`: token ids (0 = padding) -> `(batch, length, hidden_dim)`."""
-    if vocabulary_size < 2:
-        raise ValueError(f"`vocabulary_size` must be >= 2. Received: vocabulary_size={vocabulary_size}")
-    return TextEncoder(
-        vocabulary_size, sequence_length, hidden_dim, num_layers, num_heads,
-        intermediate_dim, dropout, dtype=dtype, name="text_encoder",
+    return CNNEncoder(
+        sizes["image_size"], sizes["hidden_dim"], sizes["cnn_filters"], sizes["cnn_stages"], dtype=dtype, name=name
     )
 
 
-# Constructor arguments every task model takes for its encoders, stored as attributes of the same name.
-ENCODER_CONFIG_KEYS = (
-    "vocabulary_size", "image_size", "encoder", "patch_size", "cnn_filters", "cnn_stages",
-    "sequence_length", "hidden_dim", "num_heads", "intermediate_dim", "num_image_layers", "dropout",
-)
+def text_encoder(
+    vocabulary_size: int, sizes: Mapping[str, Any], dtype=None, name: str = "text_encoder"
+) -> TextEncoder:
+    """A `TextEncoder`: token ids (0 = padding) -> `(batch, sequence_length, hidden_dim)`."""
+    return TextEncoder(
+        vocabulary_size, sizes["sequence_length"], sizes["hidden_dim"], sizes["num_text_layers"],
+        sizes["num_heads"], sizes["intermediate_dim"], sizes["dropout"], dtype=dtype, name=name,
+    )
 
-
-def encoder_config(model: keras.Model) -> dict:
-    """The base of a task model's `get_config`: name, trainable, dtype and its encoder arguments."""
-    return {
-        "name": model.name,
-        "trainable": model.trainable,
-        "dtype": keras.dtype_policies.serialize(model.dtype_policy),
-        **{key: getattr(model, key) for key in ENCODER_CONFIG_KEYS},
-    }

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import keras
 import keras_hub
 import numpy as np
 from keras import ops
 
-from kvlm.layers import TextEncoder
+from kvlm.models import encoders
 from kvlm.models.backbone import VLMBackbone
+from kvlm.models.composite import Composite
 from kvlm.models.knowledge import QUERY_MODES, KnowledgeIndex
+from kvlm.models.preprocessor import VLMPreprocessor, check_preprocessor
 
 
 def top_k(scores, k: int):
@@ -34,7 +34,7 @@ def top_k(scores, k: int):
 
 
 @keras.saving.register_keras_serializable(package="kvlm")
-class RetrievalReader(keras.Model):
+class RetrievalReader(Composite, keras.Model):
     """Image + question + retrieved entries -> answer logits.
 
     The backbone fuses the image and the question; `num_context_layers` keras-hub
@@ -54,6 +54,9 @@ class RetrievalReader(keras.Model):
         num_context_layers: Cross-attention blocks.
         dropout: Dropout before the answer head.
     """
+
+    PARTS = ("backbone",)
+    OPTIONS = ("num_classes", "top_k", "context_length", "num_context_layers", "dropout")
 
     def __init__(
         self,
@@ -77,9 +80,9 @@ class RetrievalReader(keras.Model):
         features = backbone({"images": images, "token_ids": token_ids})
         x = features["sequence_output"]
         flat = keras.layers.Reshape((top_k * context_length,), name="flatten_context")(context_ids)
-        context = TextEncoder(
-            backbone.vocabulary_size, top_k * context_length, backbone.hidden_dim, backbone.num_text_layers,
-            backbone.num_heads, backbone.intermediate_dim, backbone.dropout, dtype=dtype, name="context_encoder",
+        context = encoders.text_encoder(
+            backbone.vocabulary_size, {**backbone.sizes, "sequence_length": top_k * context_length}, dtype,
+            name="context_encoder",
         )(flat)
         # The padding mask goes in explicitly; drop the one Keras attached, which the
         # attention's key / value projections would only warn about.
@@ -115,27 +118,9 @@ class RetrievalReader(keras.Model):
         backbone = VLMBackbone.from_preset(preset, vocabulary_size=vocabulary_size, **overrides)
         return cls(backbone, num_classes, top_k, context_length, num_context_layers, dropout)
 
-    def get_config(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "trainable": self.trainable,
-            "backbone": keras.saving.serialize_keras_object(self.backbone),
-            "num_classes": self.num_classes,
-            "top_k": self.top_k,
-            "context_length": self.context_length,
-            "num_context_layers": self.num_context_layers,
-            "dropout": self.dropout,
-        }
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
-        return cls(**config)
-
 
 @keras.saving.register_keras_serializable(package="kvlm")
-class RetrievalAugmentedVLM(keras.Model):
+class RetrievalAugmentedVLM(Composite, keras.Model):
     """A `RetrievalReader` answering from the entries a `DualEncoder` retrieves from a built-in index.
 
     The index (`index_size` entries: unit key embeddings and entry token ids) is held in
@@ -155,13 +140,26 @@ class RetrievalAugmentedVLM(keras.Model):
             size and sequence length; it is frozen.
         index_size: Number of index entries (>= `top_k`).
         query: One of `"image"`, `"text"`, `"image_text"`.
+        preprocessor: Optional `VLMPreprocessor` (question tokenizer, image size, answers) saved
+            with the model.
 
     Example:
         >>> model = RetrievalAugmentedVLM.from_index(reader, dual_encoder, index, context_tokenizer)
         >>> model.predict({"images": images, "token_ids": question_ids})
     """
 
-    def __init__(self, reader: RetrievalReader, retriever: keras.Model, index_size: int, query: str = "image", **kwargs):
+    PARTS = ("reader", "retriever", "preprocessor")
+    OPTIONS = ("index_size", "query")
+
+    def __init__(
+        self,
+        reader: RetrievalReader,
+        retriever: keras.Model,
+        index_size: int,
+        query: str = "image",
+        preprocessor: VLMPreprocessor | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if query not in QUERY_MODES:
             raise ValueError(f"`query` must be one of {QUERY_MODES}. Received: query={query!r}")
@@ -176,8 +174,10 @@ class RetrievalAugmentedVLM(keras.Model):
                     f"The retriever and the reader must share `{name}`: "
                     f"{getattr(retriever, name)} != {getattr(backbone, name)}."
                 )
+        check_preprocessor(preprocessor, backbone.image_size, backbone.sequence_length)
         self.reader = reader
         self.retriever = retriever
+        self.preprocessor = preprocessor
         # Freeze every layer of the retriever. A model deserialized with trainable=False
         # has not passed the flag on to its layers, and the setter only does on a change.
         retriever.trainable = True
@@ -198,10 +198,11 @@ class RetrievalAugmentedVLM(keras.Model):
 
     @classmethod
     def from_index(
-        cls, reader: RetrievalReader, retriever: keras.Model, index: KnowledgeIndex, tokenizer, query: str = "image"
+        cls, reader: RetrievalReader, retriever: keras.Model, index: KnowledgeIndex, tokenizer, query: str = "image",
+        preprocessor: VLMPreprocessor | None = None,
     ) -> "RetrievalAugmentedVLM":
         """A model sized for `index`, with its entries tokenized by `tokenizer` (see `set_index`)."""
-        model = cls(reader, retriever, len(index), query=query)
+        model = cls(reader, retriever, len(index), query=query, preprocessor=preprocessor)
         model.set_index(index, tokenizer)
         return model
 
@@ -271,20 +272,3 @@ class RetrievalAugmentedVLM(keras.Model):
     @property
     def num_classes(self) -> int:
         return self.reader.num_classes
-
-    def get_config(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "trainable": self.trainable,
-            "reader": keras.saving.serialize_keras_object(self.reader),
-            "retriever": keras.saving.serialize_keras_object(self.retriever),
-            "index_size": self.index_size,
-            "query": self.query,
-        }
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["reader"] = keras.saving.deserialize_keras_object(config["reader"])
-        config["retriever"] = keras.saving.deserialize_keras_object(config["retriever"])
-        return cls(**config)

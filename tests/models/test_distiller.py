@@ -1,6 +1,7 @@
 import keras
 import numpy as np
 import pytest
+from harness import run_task_test
 
 from kvlm.data import answer_vocabulary, make_dataset
 from kvlm.models import VLMClassifier
@@ -115,9 +116,8 @@ def test_fit_trains_only_the_student_and_lowers_the_loss(shapes_examples, vocabu
     assert metrics["accuracy"] == pytest.approx(np.concatenate(hits).mean(), abs=1e-6)
 
 
-def test_config_and_keras_file_round_trip(tmp_path, tiny_inputs):
+def test_config_task_fit_and_keras_file(tmp_path, tiny_inputs):
     distiller = Distiller(make_teacher(), make_student(), name="distiller")
-    distiller.compile(optimizer="adam", metrics=[accuracy()], alpha=0.3, temperature=4.0)
     config = distiller.get_config()
     clone = Distiller.from_config(config)
     assert clone.get_config() == config
@@ -126,14 +126,15 @@ def test_config_and_keras_file_round_trip(tmp_path, tiny_inputs):
     assert not clone.teacher.trainable
     assert clone.count_params() == distiller.count_params()
 
-    path = tmp_path / "distiller.keras"
-    distiller.save(path)
-    loaded = keras.saving.load_model(path)
-    assert isinstance(loaded, Distiller)
-    assert (loaded.alpha, loaded.temperature) == (0.3, 4.0)
-    np.testing.assert_allclose(
-        loaded.predict(tiny_inputs, verbose=0), distiller.predict(tiny_inputs, verbose=0), rtol=1e-5, atol=1e-6
+    compile_kwargs = {
+        "optimizer": keras.optimizers.Adam(3e-3), "metrics": [accuracy()], "alpha": 0.3, "temperature": 4.0,
+    }
+    labels = np.array([0, 3, 4], "int32")
+    loaded = run_task_test(
+        distiller, tiny_inputs, labels, expected_output_shape=(3, NUM_CLASSES), tmp_path=tmp_path,
+        compile_kwargs=compile_kwargs, atol=1e-6,
     )
+    assert (loaded.alpha, loaded.temperature) == (0.3, 4.0)
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(loaded.teacher(tiny_inputs)),
         keras.ops.convert_to_numpy(distiller.teacher(tiny_inputs)), rtol=1e-5, atol=1e-6,

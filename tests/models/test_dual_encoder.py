@@ -12,8 +12,12 @@ import keras
 import numpy as np
 import pytest
 
+from harness import run_task_test
+
 from kvlm.data import build_vocabulary, caption_ids, make_pair_dataset, make_tokenizer, png_bytes, shapes
+from kvlm.layers import CNNEncoder, TextEncoder, ViTEncoder
 from kvlm.models import CLIPLoss, ContrastiveLogits, DualEncoder, SigLIPLoss
+from kvlm.models.contrastive import DEFAULT_TEMPERATURE
 from kvlm.models.retrieval import (
     chance_recall_at_k,
     embed_images,
@@ -145,28 +149,33 @@ def test_text_embedding_pools_non_padding_tokens(tiny_inputs):
 
 
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
-def test_keras_file_round_trip_gives_identical_embeddings(tmp_path, tiny_inputs, loss):
+def test_task_shapes_fit_and_keras_file(tmp_path, tiny_inputs, loss):
     model = DualEncoder.from_preset(
         "kvlm_tiny", vocabulary_size=60, embedding_dim=16, loss=loss, encoder="cnn", image_pooling="attention"
     )
-    model.compile(optimizer="adam")
-    model.optimizer.build(model.trainable_variables)  # saved and restored with the model
-    model.logit_head.log_temperature.assign(np.log(0.3))
-    path = tmp_path / "dual.keras"
-    model.save(path)
-    loaded = keras.saving.load_model(path)
-    assert isinstance(loaded, DualEncoder)
-    assert (loaded.loss_type, loaded.encoder, loaded.image_pooling) == (loss, "cnn", "attention")
-    assert len(loaded.optimizer.variables) == len(model.optimizer.variables)
-    expected, actual = model.predict(tiny_inputs, verbose=0), loaded.predict(tiny_inputs, verbose=0)
-    for name in ("image_embedding", "text_embedding"):
-        np.testing.assert_array_equal(actual[name], expected[name])
-    np.testing.assert_allclose(loaded.temperature, 0.3, rtol=1e-6)
-    if loss == "siglip":
-        np.testing.assert_array_equal(
-            keras.ops.convert_to_numpy(loaded.logit_head.logit_bias),
-            keras.ops.convert_to_numpy(model.logit_head.logit_bias),
-        )
+    shape = (3, 16)
+    loaded = run_task_test(
+        model, tiny_inputs, expected_output_shape={"image_embedding": shape, "text_embedding": shape},
+        tmp_path=tmp_path, compile_kwargs={"optimizer": keras.optimizers.Adam(3e-4)}, epochs=8,
+    )
+    assert (loaded.loss_type, loaded.image_pooling) == (loss, "attention")
+    assert isinstance(loaded.image_encoder, CNNEncoder) and isinstance(loaded.text_encoder, TextEncoder)
+    assert loaded.temperature == model.temperature != DEFAULT_TEMPERATURE[loss]  # learned, then restored
+
+
+def test_built_from_encoder_parts(tiny_inputs):
+    image_encoder = ViTEncoder(32, 8, 32, num_layers=1, num_heads=2, intermediate_dim=48, name="vision")
+    text_encoder = TextEncoder(60, 16, 24, num_layers=2, num_heads=2, intermediate_dim=32, name="text")
+    model = DualEncoder(image_encoder, text_encoder, embedding_dim=8, loss="siglip")
+    outputs = model(tiny_inputs)
+    assert {name: tuple(value.shape) for name, value in outputs.items()} == {
+        "image_embedding": (3, 8), "text_embedding": (3, 8)
+    }
+    assert (model.image_size, model.sequence_length, model.vocabulary_size) == (32, 16, 60)
+    assert model.image_encoder is image_encoder and model.text_encoder is text_encoder
+    # The parts, two bias-free projections (32 -> 8, 24 -> 8), log-temperature and bias.
+    parts = image_encoder.count_params() + text_encoder.count_params()
+    assert model.count_params() == parts + 32 * 8 + 24 * 8 + 2
 
 
 def test_recall_at_k_counts_identical_captions_as_positives():

@@ -1,0 +1,86 @@
+"""The task-model test harness (after keras-hub's `run_task_test` / `run_model_saving_test`).
+
+`run_task_test` checks a task model end to end on a small batch: the forward pass has the
+expected output shapes and finite values, a few `fit` epochs lower the loss, and the trained
+model survives the `.keras` round trip (`run_model_saving_test`) with identical outputs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+
+def _normalised(config: dict[str, Any]) -> Any:
+    """A config as it reads back from `config.json` (tuples become lists)."""
+    return json.loads(json.dumps(config, default=str))
+
+
+def _numpy(structure) -> Any:
+    return keras.tree.map_structure(lambda x: np.asarray(keras.ops.convert_to_numpy(x)), structure)
+
+
+def _assert_same(actual, expected, atol: float) -> None:
+    actual, expected = keras.tree.flatten(_numpy(actual)), keras.tree.flatten(_numpy(expected))
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        np.testing.assert_allclose(a, e, rtol=0.0, atol=atol)
+
+
+def run_model_saving_test(model: keras.Model, inputs, path: str | Path, atol: float = 0.0) -> keras.Model:
+    """Saves `model` to the `.keras` file `path`, loads it and returns the loaded model.
+
+    Checks that the loaded model has the same class and config, the same weights, the same
+    optimizer state (when compiled) and the same outputs on `inputs` (to `atol`; default exact).
+    """
+    expected = model.predict(inputs, verbose=0)
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert type(loaded) is type(model)
+    assert _normalised(loaded.get_config()) == _normalised(model.get_config())
+    assert [w.path for w in loaded.weights] == [w.path for w in model.weights]
+    _assert_same(loaded.get_weights(), model.get_weights(), atol=0.0)
+    if getattr(model, "optimizer", None) is not None:
+        _assert_same(loaded.optimizer.variables, model.optimizer.variables, atol=0.0)
+    _assert_same(loaded.predict(inputs, verbose=0), expected, atol)
+    return loaded
+
+
+def run_task_test(
+    model: keras.Model,
+    x,
+    y=None,
+    *,
+    expected_output_shape,
+    tmp_path: Path,
+    compile_kwargs: dict[str, Any] | None = None,
+    epochs: int = 5,
+    max_loss_ratio: float = 0.9,
+    atol: float = 0.0,
+) -> keras.Model:
+    """Checks a task model on one batch `(x, y)` and returns it reloaded from `.keras`.
+
+    Args:
+        model: The task model; compiled here with `compile_kwargs` (default Adam, 3e-3), without
+            XLA (`jit_compile=False`) unless they say otherwise: compiling costs more than the steps.
+        x, y: One batch of inputs and targets (`y=None` for models that find their own).
+        expected_output_shape: The shape of `model.predict(x)`, or a dict of shapes.
+        tmp_path: Folder for the `.keras` file.
+        epochs: `fit` epochs on the batch; the last loss must be below `max_loss_ratio`
+            times the first.
+        atol: Tolerance of the reloaded model's outputs.
+    """
+    outputs = _numpy(model.predict(x, verbose=0))
+    assert keras.tree.map_structure(lambda a: tuple(a.shape), outputs) == expected_output_shape
+    assert all(np.isfinite(a).all() for a in keras.tree.flatten(outputs))
+
+    model.compile(**{"optimizer": keras.optimizers.Adam(3e-3), "jit_compile": False, **(compile_kwargs or {})})
+    batch_size = len(keras.tree.flatten(x)[0])
+    losses = model.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=False, verbose=0).history["loss"]
+    assert losses[-1] < max_loss_ratio * losses[0], losses
+
+    return run_model_saving_test(model, x, Path(tmp_path) / f"{model.name}.keras", atol=atol)
