@@ -7,6 +7,8 @@ import importlib
 import os
 import sys
 
+from kvlm.cli.device_probe import probe_devices
+
 # Modules under kvlm.cli that each define `register(subparsers)`.
 COMMAND_GROUPS = (
     "train",
@@ -16,6 +18,10 @@ COMMAND_GROUPS = (
     "index",
     "serve",
 )
+
+
+# Command groups that never load TensorFlow (the others list its devices first; see device_probe).
+COMMANDS_WITHOUT_TENSORFLOW = ("experts", "data")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the process exit code."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
+    if args.command not in COMMANDS_WITHOUT_TENSORFLOW:
+        probe_devices()
     try:
         return int(args.handler(args) or 0)
     except (ValueError, FileNotFoundError, ImportError) as error:

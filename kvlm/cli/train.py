@@ -68,7 +68,7 @@ def _moe_experts(value: str) -> int | str | list[str]:
 
 
 def _per_task(field: str) -> str:
-    """`vqa 24000, retrieval 4096, ...; distillation: not set` for a default field."""
+    """`vqa 36000, retrieval 4096, ...; distillation: not set` for a default field."""
     values = [f"{info.name} {info.defaults[field]}" for info in INFOS if field in info.defaults]
     missing = [info.name for info in INFOS if field not in info.defaults]
     return ", ".join(values) + (f"; {', '.join(missing)}: from its teacher run" if missing else "")
