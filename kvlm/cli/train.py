@@ -12,9 +12,16 @@ from kvlm.tasks import task_info, task_names
 from kvlm.tasks.info import DEFAULT_FIELDS, positive_int
 
 PRESETS = ("kvlm_tiny", "kvlm_small", "kvlm_base")
-INFOS = [task_info(name) for name in task_names()]
-# Every strategy some task trains under, in registry order.
-STRATEGY_CHOICES = tuple(dict.fromkeys(s for info in INFOS for s in info.strategies))
+
+
+def _infos():
+    """The registered tasks' `TaskInfo`s, read when a parser is built (the registry may grow after import)."""
+    return [task_info(name) for name in task_names()]
+
+
+def strategy_choices() -> tuple[str, ...]:
+    """Every strategy some registered task trains under, in registry order."""
+    return tuple(dict.fromkeys(s for info in _infos() for s in info.strategies))
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -69,14 +76,15 @@ def _moe_experts(value: str) -> int | str | list[str]:
 
 def _per_task(field: str) -> str:
     """`vqa 36000, retrieval 4096, ...; distillation: not set` for a default field."""
-    values = [f"{info.name} {info.defaults[field]}" for info in INFOS if field in info.defaults]
-    missing = [info.name for info in INFOS if field not in info.defaults]
+    infos = _infos()
+    values = [f"{info.name} {info.defaults[field]}" for info in infos if field in info.defaults]
+    missing = [info.name for info in infos if field not in info.defaults]
     return ", ".join(values) + (f"; {', '.join(missing)}: from its teacher run" if missing else "")
 
 
 def _add_task_options(train: argparse.ArgumentParser) -> None:
     """The flags of every task's options (default None: an option of another task is refused)."""
-    for info in INFOS:
+    for info in _infos():
         for option in info.options:
             if option.cli:
                 default = f" (default: {option.default})" if option.default is not None else ""
@@ -88,6 +96,7 @@ def _add_task_options(train: argparse.ArgumentParser) -> None:
 
 def register(subparsers) -> None:
     """Adds the `train` and `evaluate` commands."""
+    infos = _infos()
     tasks = "|".join(task_names())
     train = subparsers.add_parser(
         "train",
@@ -95,7 +104,7 @@ def register(subparsers) -> None:
         formatter_class=_HelpFormatter,
     )
     train.add_argument("--task", default=task_names()[0], choices=task_names(),
-                       help="; ".join(f"{info.name}: {info.help}" for info in INFOS))
+                       help="; ".join(f"{info.name}: {info.help}" for info in infos))
     _add_task_options(train)
     train.add_argument("--output", default=None, help="run folder for model, vocabulary and logs (default per task: runs/TASK)")
     train.add_argument("--preset", default="kvlm_tiny", choices=PRESETS,
@@ -118,9 +127,9 @@ def register(subparsers) -> None:
                        help=f"peak AdamW learning rate (default per task: {_per_task('learning_rate')})")
     train.add_argument("--augment", action="store_true", help="tf-models-official RandAugment")
     train.add_argument("--seed", type=int, default=0)
-    one_device = [info.name for info in INFOS if "mirrored" not in info.strategies]
+    one_device = [info.name for info in infos if "mirrored" not in info.strategies]
     train.add_argument(
-        "--strategy", default="auto", choices=STRATEGY_CHOICES,
+        "--strategy", default="auto", choices=strategy_choices(),
         help="tensorflow: one_device|mirrored|multi_worker (cluster from TF_CONFIG); "
         "jax: data_parallel|expert_parallel (processes from KERAS_DISTRIBUTION_*); auto picks from the environment. "
         f"The {', '.join(one_device)} tasks train on one device: auto or one_device",
@@ -163,7 +172,7 @@ def train_config_fields(args) -> dict:
     info = task_info(args.task)
     own = {option.name for option in info.options}
     foreign = [
-        option.flag for other in INFOS if other is not info for option in other.options
+        option.flag for other in _infos() if other is not info for option in other.options
         if option.cli and option.name not in own and getattr(args, option.name) is not None
     ]
     if foreign:
