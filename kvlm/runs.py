@@ -162,7 +162,12 @@ def load_run(run_dir: str | Path) -> Run:
         raise FileNotFoundError(f"No {MODEL_FILE} in {run_dir}: train a model there first (`kvlm train`).")
     config = read_config(run_dir)
     model = load_model(run_dir / MODEL_FILE)  # registers plugin experts first
-    # Classifiers keep their sizes on their backbone; DualEncoder and Captioner on the model.
-    sequence_length = model.backbone.sequence_length if hasattr(model, "backbone") else model.sequence_length
+    # DualEncoder and Captioner keep their sizes on the model; classifiers on their backbone or inputs.
+    if hasattr(model, "sequence_length"):
+        sequence_length = model.sequence_length
+    else:
+        from kvlm.models.classifier import classifier_sizes
+
+        sequence_length = classifier_sizes(model)[1]
     tokenizer = make_tokenizer(read_vocabulary(run_dir), sequence_length)
     return Run(model, tokenizer, read_answers(run_dir), config, run_dir)

@@ -26,7 +26,7 @@ import numpy as np
 import pluggy
 
 from kvlm.experts import available, broken, datasets, hookspecs
-from kvlm.experts.factory import ensure_built
+from kvlm.experts.factory import ensure_built, shipped_path
 from kvlm.experts.saving import load_model
 from kvlm.experts.spec import DatasetSpec, ExpertSpec
 
@@ -316,9 +316,32 @@ def check_plugin(
         _check_discovered(found, distribution)
     for spec in found["experts"]:
         check_expert(spec, d_model=d_model, tmp_path=tmp_path)
+        if spec.trained is not None:
+            check_trained(spec)
     for spec in found["datasets"]:
         check_dataset(spec, size=dataset_size)
     return found
+
+
+def check_trained(spec: ExpertSpec) -> None:
+    """Checks that the trained expert `spec.trained` ships (loads, one key per fusion block plus the
+    head's, weights of matching widths) under the spec's name and domain."""
+    from kvlm.models.domain_experts import TrainedExpert
+
+    path = shipped_path(spec, spec.trained)
+    try:
+        expert = TrainedExpert.load(path)
+    except (OSError, KeyError, ValueError) as error:
+        _fail(f"{spec.name}: the trained expert at {path} does not load ({type(error).__name__}: {error}); "
+              "ship the folder `kvlm train --task domain_expert` writes as package data")
+    if (expert.name, expert.domain) != (spec.name, spec.domain):
+        _fail(f"{spec.name}: {path} holds the expert {expert.name!r} ({expert.domain}), not {spec.name!r} ({spec.domain})")
+    d_model = expert.keys.shape[-1]
+    if expert.keys.shape[0] != len(expert.ffn_weights) + 1 or any(w[0].shape[0] != d_model for w in expert.ffn_weights):
+        _fail(f"{spec.name}: {path} has {expert.keys.shape[0]} router keys for {len(expert.ffn_weights)} fusion blocks "
+              f"(expected one per block plus the head's, all of width {d_model})")
+    if expert.word_embeddings.shape != (len(expert.words), d_model) or expert.answer_kernel.shape != (d_model, len(expert.answers)):
+        _fail(f"{spec.name}: {path} has embedding rows or answer columns that do not match its words and answers")
 
 
 def _check_discovered(found: dict[str, list], distribution: str) -> None:

@@ -14,7 +14,7 @@ from kvlm.data.pipeline import (
     pack_captions,
 )
 from kvlm.data.preprocessing import decode_image, make_augmenter, resize_image
-from kvlm.data.tokenizer import build_vocabulary, load_vocabulary, make_tokenizer, save_vocabulary
+from kvlm.data.tokenizer import build_vocabulary, load_vocabulary, make_tokenizer, missing_words, save_vocabulary
 from kvlm.data.writer import png_bytes, write_folder
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "make_dataset",
     "make_pair_dataset",
     "make_tokenizer",
+    "missing_words",
     "pack_captions",
     "png_bytes",
     "resize_image",

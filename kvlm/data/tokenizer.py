@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import tensorflow as tf
 
 RESERVED_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 VOCABULARY_FILE = "vocabulary.txt"
+WORD = re.compile(r"[a-z0-9]+")
 
 
 def build_vocabulary(
@@ -29,6 +31,13 @@ def build_vocabulary(
         reserved_tokens=list(RESERVED_TOKENS),
     )
     return list(vocabulary)
+
+
+def missing_words(texts: Iterable[str], vocabulary: Iterable[str]) -> list[str]:
+    """The lowercase words of `texts` that `vocabulary` lacks as whole tokens, in order of first use."""
+    known = set(vocabulary)
+    words = (w for text in texts for w in WORD.findall(text.lower()))
+    return list(dict.fromkeys(w for w in words if w not in known))
 
 
 def make_tokenizer(vocabulary: list[str], sequence_length: int) -> keras_hub.tokenizers.WordPieceTokenizer:

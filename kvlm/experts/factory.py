@@ -5,12 +5,14 @@ Keras is imported when an expert is built, so discovery alone stays cheap.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvlm.experts.discovery import ExpertInfo, registry
 from kvlm.experts.messages import missing_expert
+from kvlm.experts.spec import ExpertSpec
 
 if TYPE_CHECKING:
     import keras
@@ -64,17 +66,22 @@ def ensure_built(layer: keras.layers.Layer, d_model: int) -> None:
 
 
 def _module_folder(build) -> Path:
-    module = sys.modules.get(getattr(build, "module", None) or getattr(build, "__module__", "") or "")
+    name = getattr(build, "module", None) or getattr(build, "__module__", "") or ""
+    module = sys.modules.get(name) or (importlib.import_module(name) if name else None)
     return Path(module.__file__).parent if getattr(module, "__file__", None) else Path.cwd()
+
+
+def shipped_path(spec: ExpertSpec, path: str) -> Path:
+    """`path` (the spec's `weights` or `trained`), relative paths against the module defining `build`."""
+    path = Path(path)
+    return path if path.is_absolute() else _module_folder(spec.build) / path
 
 
 def load_shipped_weights(layer: keras.layers.Layer, info: ExpertInfo, d_model: int) -> None:
     """Loads `info.spec.weights` (relative to the module defining `build`) into `layer`."""
     import keras
 
-    path = Path(info.spec.weights)
-    if not path.is_absolute():
-        path = _module_folder(info.spec.build) / path
+    path = shipped_path(info.spec, info.spec.weights)
     ensure_built(layer, d_model)
     try:
         keras.saving.load_weights(layer, str(path))

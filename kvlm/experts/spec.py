@@ -42,6 +42,11 @@ class ExpertSpec:
         vocabulary: Domain words added to the tokenizer.
         weights: Path of a `.weights.h5` file shipped inside the plugin package; relative
             paths are resolved against the folder of the module defining `build`.
+        trained: Folder of a trained expert for a released base (`expert.json` and
+            `expert.weights.npz`, written by `kvlm train --task domain_expert`), shipped
+            inside the plugin package and resolved like `weights`. `kvlm.models.domain_experts.
+            install_experts` places it into that base with its router keys; `build` stays
+            the architecture for training a Mixture-of-Experts model from scratch.
     """
 
     name: str
@@ -51,6 +56,7 @@ class ExpertSpec:
     description: str = ""
     vocabulary: tuple[str, ...] = ()
     weights: str | None = None
+    trained: str | None = None
 
     def __post_init__(self):
         _check_name("ExpertSpec", self.name)
@@ -67,6 +73,9 @@ class ExpertSpec:
         if self.weights is not None:
             _check_text("ExpertSpec", "weights", str(self.weights), allow_empty=False)
             object.__setattr__(self, "weights", str(self.weights))
+        if self.trained is not None:
+            _check_text("ExpertSpec", "trained", str(self.trained), allow_empty=False)
+            object.__setattr__(self, "trained", str(self.trained))
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from kvlm.export.signatures import (
     make_serving_function,
 )
 from kvlm.export.warmup import WARMUP_DIR, write_warmup_requests
+from kvlm.models.classifier import classifier_sizes
 from kvlm.runs import load_run
 from kvlm.tasks import get_task
 
@@ -75,7 +76,8 @@ def write_saved_model(
     `export_model` picks the writer of the run's task.
 
     Args:
-        model: The classifier; its backbone gives image size and sequence length.
+        model: The classifier: its backbone (or, for a functional model without one, its
+            inputs) gives image size and sequence length.
         tokenizer: The keras-hub tokenizer used in training.
         answers: Label of each logit.
         path: Folder to create (must not exist).
@@ -84,10 +86,9 @@ def write_saved_model(
             (default: the device JAX runs on).
     """
     backend = _check_backend()
-    if len(answers) != model.num_classes:
-        raise ValueError(f"{len(answers)} answers for a model with {model.num_classes} outputs.")
-    image_size = model.backbone.image_size
-    sequence_length = model.backbone.sequence_length
+    image_size, sequence_length, num_classes = classifier_sizes(model)
+    if len(answers) != num_classes:
+        raise ValueError(f"{len(answers)} answers for a model with {num_classes} outputs.")
     archive = keras.export.ExportArchive()
     archive.track(model)
 

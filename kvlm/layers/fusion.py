@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import keras
 from keras import ops
 
@@ -175,27 +177,37 @@ class FusionBlock(keras.layers.Layer):
         self.ffn = ffn if ffn is not None else FeedForward(
             hidden_dim, intermediate_dim, dropout, dtype=policy, name="ffn"
         )
+        # A routed feed-forward (SparseMoE) also takes the padding mask and the modality ids.
+        self.ffn_takes_routing = "modality" in inspect.signature(self.ffn.call).parameters
         self.dropout_layer = keras.layers.Dropout(dropout, dtype=policy)
 
     def build(self, input_shape):
         self.attention_norm.build(input_shape)
         self.attention.build(input_shape, input_shape)
         self.ffn_norm.build(input_shape)
-        self.ffn.build(input_shape)
+        if not self.ffn.built:
+            self.ffn.build(input_shape)
 
     def call(self, x, padding_mask=None, modality=None, training=None):
+        x = self.attend(x, padding_mask, training)
+        h = self.ffn_norm(x)
+        if self.ffn_takes_routing:
+            h = self.ffn(h, mask=padding_mask, modality=modality, training=training)
+        else:
+            h = self.ffn(h, training=training)
+        return x + h
+
+    def attend(self, x, padding_mask=None, training=None):
+        """The attention half of the block: `x` plus self-attention over its non-padding tokens.
+
+        `ffn_norm(attend(x))` is what the feed-forward part (or a `SparseMoE`) reads.
+        """
         attention_mask = None
         if padding_mask is not None:
             attention_mask = ops.expand_dims(ops.cast(padding_mask, "bool"), 1)
         h = self.attention_norm(x)
         h = self.attention(h, h, attention_mask=attention_mask, training=training)
-        x = x + self.dropout_layer(h, training=training)
-        h = self.ffn_norm(x)
-        if self.is_custom_ffn:
-            h = self.ffn(h, mask=padding_mask, modality=modality, training=training)
-        else:
-            h = self.ffn(h, training=training)
-        return x + h
+        return x + self.dropout_layer(h, training=training)
 
     def compute_output_shape(self, input_shape):
         return input_shape

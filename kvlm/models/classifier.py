@@ -63,3 +63,12 @@ class VLMClassifier(Composite, keras.Model):
         preset_dir.require(preset, num_classes=num_classes, vocabulary_size=vocabulary_size)
         backbone = VLMBackbone.from_preset(preset, vocabulary_size=vocabulary_size, **overrides)
         return cls(backbone, num_classes=num_classes, dropout=dropout, preprocessor=preprocessor)
+
+
+def classifier_sizes(model: keras.Model) -> tuple[int, int, int]:
+    """`(image_size, sequence_length, num_classes)` of a classifier: a `VLMClassifier`, or a
+    functional model over `{"images", "token_ids"}` inputs with one logits output (a domain
+    specialist, a base with experts installed)."""
+    if hasattr(model, "backbone"):
+        return model.backbone.image_size, model.backbone.sequence_length, model.num_classes
+    return model.input["images"].shape[1], model.input["token_ids"].shape[1], model.output.shape[-1]

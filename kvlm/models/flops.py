@@ -81,7 +81,7 @@ def attention_flops(layer: keras.layers.MultiHeadAttention, query_shape, value_s
 def _moe_flops(layer, input_shape) -> int:
     tokens = _tokens(input_shape)
     d_model = int(input_shape[-1])
-    router = tokens * 2 * d_model * int(layer.router_kernel.shape[-1])
+    router = tokens * 2 * d_model * layer.num_experts
     if layer.bank.expert_layers:
         per_expert = np.mean([_layer_flops(e, (1, tokens, d_model)) for e in layer.bank.expert_layers])
         experts = int(round(layer.top_k * per_expert))

@@ -23,9 +23,17 @@ import keras
 from keras_hub.src.utils import preset_utils
 
 
+def resolve(preset: str | os.PathLike) -> str:
+    """The folder of `preset`: a trained preset shipped in `kvlm.presets` by name, else `preset` itself."""
+    from kvlm.presets import preset_path
+
+    shipped = preset_path(preset) if isinstance(preset, str) else None
+    return os.fspath(shipped or preset)
+
+
 def is_preset_dir(preset: str | os.PathLike) -> bool:
-    """Whether `preset` names a folder holding a saved preset (`config.json`)."""
-    return (Path(preset) / preset_utils.CONFIG_FILE).is_file()
+    """Whether `preset` names a folder holding a saved preset (`config.json`), or a shipped trained preset."""
+    return (Path(resolve(preset)) / preset_utils.CONFIG_FILE).is_file()
 
 
 def require(preset: str, **arguments) -> None:
@@ -55,7 +63,7 @@ def load_preset(preset_dir: str | os.PathLike, cls: type | None = None) -> keras
         FileNotFoundError: `preset_dir` holds no `config.json`.
         ValueError: the preset holds a model that is not a `cls`.
     """
-    preset = os.fspath(preset_dir)
+    preset = resolve(preset_dir)
     if not is_preset_dir(preset):
         raise FileNotFoundError(
             f"No {preset_utils.CONFIG_FILE} in {preset}: save a model there with `model.save_to_preset(...)`."

@@ -19,6 +19,7 @@ TASKS = {
     "captioning": "kvlm.tasks.captioning",
     "distillation": "kvlm.tasks.distillation",
     "rag": "kvlm.tasks.rag",
+    "domain_expert": "kvlm.tasks.domain_expert",
 }
 
 

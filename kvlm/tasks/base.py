@@ -23,6 +23,7 @@ from kvlm.data import answer_vocabulary, build_vocabulary, encode_answers, make_
 from kvlm.export.savedmodel import write_saved_model
 from kvlm.export.signatures import INPUT_NAMES, OUTPUT_NAMES, SIGNATURE_NAME
 from kvlm.models import VLMClassifier, get_preset
+from kvlm.models.classifier import classifier_sizes
 from kvlm.runs import CURVES_FILE, MODEL_FILE, Run, TrainConfig
 from kvlm.tasks.info import TaskInfo
 from kvlm.training.distribution import Distribution
@@ -213,7 +214,7 @@ class ClassifierTask(Task):
 
     def evaluate(self, run: Run, examples: Sequence, held_out: bool = True) -> dict[str, Any]:
         """Loss, accuracy, macro precision / recall / F1, `examples` and `per_domain`."""
-        data = make_dataset(examples, run.tokenizer, run.answers, run.model.backbone.image_size, 256)
+        data = make_dataset(examples, run.tokenizer, run.answers, classifier_sizes(run.model)[0], 256)
         logits = np.asarray(run.model.predict(data, verbose=0), dtype=np.float64)
         labels = encode_answers(examples, run.answers)
         shifted = logits - logits.max(axis=-1, keepdims=True)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kvlm.data import load_folder
+import numpy as np
+
+from kvlm.data import load_folder, make_dataset
 from kvlm.runs import load_run
 from kvlm.tasks import get_task
 
@@ -26,3 +29,13 @@ def evaluate(run_dir: str | Path, data_dir: str | None = None, size: int | None 
     if not examples:
         raise ValueError("No examples to evaluate.")
     return task.evaluate(run, examples, held_out=data_dir is None)
+
+
+def answer_accuracy(model, examples: Sequence, tokenizer, answers: Sequence[str], image_size: int) -> float:
+    """Fraction of `examples` whose top answer is right; an answer outside `answers` counts as wrong."""
+    known = [e for e in examples if e.answer in answers]
+    if not known:
+        return 0.0
+    logits = model.predict(make_dataset(known, tokenizer, answers, image_size, 256), verbose=0)
+    predicted = np.asarray(answers)[np.argmax(logits, axis=-1)]
+    return float(np.sum(predicted == np.asarray([e.answer for e in known])) / len(examples))

@@ -235,5 +235,5 @@ def test_help_lists_the_tasks(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "{vqa,retrieval,captioning,distillation,rag}" in text and "{clip,siglip}" in text
+    assert "{vqa,retrieval,captioning,distillation,rag,domain_expert}" in text and "{clip,siglip}" in text
     assert "vqa: image+question -> answer; retrieval: CLIP/SigLIP dual encoder; captioning: image -> caption" in text

@@ -120,7 +120,8 @@ def tokens_choose_routing(
         top_k: Experts per token.
         capacity: Slots per expert (int or scalar tensor).
         batch_prioritized: Serve high-probability tokens first.
-        normalize_gates: Renormalize the top-k probabilities to sum to 1.
+        normalize_gates: Renormalize the top-k probabilities to sum to 1 (with `top_k=1`
+            every gate is 1: the chosen expert's output passes unscaled).
     """
     probs, mask = ops.convert_to_tensor(probs, "float32"), ops.convert_to_tensor(mask, "bool")
     num_tokens = num_tokens_of(probs)
@@ -129,7 +130,7 @@ def tokens_choose_routing(
     gates, expert_index = ops.top_k(probs, top_k)
     expert_index = ops.cast(expert_index, "int32")
     top1 = ops.stop_gradient(gates[:, 0])
-    if normalize_gates and top_k > 1:
+    if normalize_gates:
         gates = gates / ops.maximum(ops.sum(gates, axis=-1, keepdims=True), _EPS)
     maskf = ops.cast(mask, "float32")
     gates = gates * maskf[:, None]

@@ -11,8 +11,10 @@ from keras import ops
 from kvlm.layers.moe import router as routing_lib
 from kvlm.layers.moe.banks import ExpertBank, FFNBank, PluginBank
 from kvlm.layers.moe.dispatch import combine, dispatch
+from kvlm.layers.moe.keys import key_logits, l2_normalize, stored_keys, validate_keys
 
 ROUTERS = ("tokens_choose", "experts_choose")
+ROUTING_SCOPES = ("token", "sequence")
 
 
 @keras.saving.register_keras_serializable(package="kvlm")
@@ -31,6 +33,24 @@ class SparseMoE(keras.layers.Layer):
     The experts are a bank (`kvlm.layers.moe.banks`), resolved from `experts` when
     the layer is made: an `FFNBank` for an int, a `PluginBank` for names, or the
     `ExpertBank` given.
+
+    Key routing (PHATGOOSE / Arrow / c-BTM): with `router_keys`, the router is
+    fixed, with no trainable weight: the logits of a token are the cosine
+    similarities of its features to the per-expert keys (e.g. each independently
+    trained expert's mean L2-normalized input feature at this position), divided
+    by `router_temperature`; with Gaussian keys (a mean and a precision factor per
+    expert, fitted on its author's data) they are the features' log-likelihoods,
+    which also tell apart domains whose mean features are close. Experts trained
+    apart are thus routed to with no gradient step. The keys are a non-trainable
+    float32 weight `router_keys`, so no loss moves them; use `load_balance_weight=0` (and `z_loss_weight=0`) with
+    keys, otherwise those losses push the upstream layers being fine-tuned away
+    from the keys.
+
+    With `routing_scope="sequence"` every sequence of a `(batch, seq, d)` input is
+    routed as one document (c-BTM / DEMix): its routing features are the masked
+    mean of its real tokens' features (L2-normalized before and after averaging
+    with keys), so all its real tokens pick the same experts, while each expert
+    still processes the tokens' own features.
 
     Args:
         experts: An int (that many built-in GELU FFN experts, computed with one
@@ -52,7 +72,7 @@ class SparseMoE(keras.layers.Layer):
             of Gaussian noise added to router logits in training.
         batch_prioritized: On overflow, tokens with the highest top-1 router
             probability win (BPR); otherwise earlier positions win.
-        normalize_gates: Renormalize the top-k gates to sum to 1 (top_k > 1).
+        normalize_gates: Renormalize the top-k gates to sum to 1 (with top_k=1 every gate is 1).
         load_balance_weight: Weight of the Switch load-balancing loss.
         z_loss_weight: Weight of the router z-loss.
         entropy_weights: LIMoE entropy loss weights: a float for all four terms
@@ -66,6 +86,16 @@ class SparseMoE(keras.layers.Layer):
         kernel_initializer: Initializer of the built-in expert kernels.
         router_initializer: Initializer of the float32 router kernel.
         seed: Seed of the gating noise.
+        router_keys: None (a trainable linear router `router_kernel (d, E)`),
+            cosine keys `(num_experts, d)` (one non-zero key per expert: route by
+            cosine similarity, stored L2-normalized), or Gaussian keys
+            `(num_experts, d + 1, d)` (per expert a mean and a precision factor:
+            route by log-likelihood); see `kvlm.layers.moe.keys`. Replace them
+            with `set_router_keys`.
+        router_temperature: Temperature (> 0) dividing the key logits.
+        routing_scope: `"token"` (each token routed on its own features) or
+            `"sequence"` (each sequence routed on its real tokens' mean
+            features; needs `(batch, seq, d)` inputs).
 
     Call args:
         x: `(..., d)`, e.g. `(batch, seq, d)`.
@@ -100,6 +130,9 @@ class SparseMoE(keras.layers.Layer):
         kernel_initializer: str | keras.initializers.Initializer = "glorot_uniform",
         router_initializer: str | keras.initializers.Initializer = "glorot_uniform",
         seed: int | None = None,
+        router_keys: Any = None,
+        router_temperature: float = 0.05,
+        routing_scope: str = "token",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -151,6 +184,19 @@ class SparseMoE(keras.layers.Layer):
             raise ValueError(
                 f"`top_k` must be <= the number of experts. Received: top_k={top_k}, experts={self.bank.expert_names}"
             )
+        if (
+            isinstance(router_temperature, bool)
+            or not isinstance(router_temperature, (int, float))
+            or not router_temperature > 0
+        ):
+            raise ValueError(
+                f"`router_temperature` must be a float > 0. Received: router_temperature={router_temperature!r}"
+            )
+        if routing_scope not in ROUTING_SCOPES:
+            raise ValueError(
+                f"`routing_scope` must be one of {ROUTING_SCOPES}. Received: routing_scope={routing_scope!r}"
+            )
+        self._router_keys = None if router_keys is None else self._validate_router_keys(router_keys)
 
         self.experts = None if isinstance(experts, ExpertBank) else experts  # None: see `bank`
         self.top_k = top_k
@@ -171,6 +217,12 @@ class SparseMoE(keras.layers.Layer):
         self.router_initializer = keras.initializers.get(router_initializer)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed) if noisy_gating else None
+        self.router_temperature = float(router_temperature)
+        self.routing_scope = routing_scope
+
+    def _validate_router_keys(self, keys) -> np.ndarray:
+        """`keys` as float32 cosine or Gaussian keys (`kvlm.layers.moe.keys`), as given."""
+        return validate_keys(keys, self.num_experts, self.expert_names)
 
     @staticmethod
     def _validate_entropy_weights(entropy_weights) -> dict[str, float]:
@@ -211,13 +263,30 @@ class SparseMoE(keras.layers.Layer):
             raise ValueError(f"The last input dimension must be known. Received: input_shape={input_shape}")
         num_experts = self.num_experts
         hidden = self.expert_hidden_dim or 4 * d_model
-        self.router_kernel = self.add_weight(
-            shape=(d_model, num_experts),
-            initializer=self.router_initializer,
-            dtype="float32",
-            autocast=False,
-            name="router_kernel",
-        )
+        if self._router_keys is None:
+            self.router_kernel = self.add_weight(
+                shape=(d_model, num_experts),
+                initializer=self.router_initializer,
+                dtype="float32",
+                autocast=False,
+                name="router_kernel",
+            )
+        else:
+            if self._router_keys.shape[-1] != d_model:
+                raise ValueError(
+                    f"`router_keys` must have width d={d_model} (num_experts={num_experts}, d) or "
+                    f"(num_experts={num_experts}, d + 1, d) for inputs of "
+                    f"width {d_model}. Received: router_keys.shape={self._router_keys.shape}"
+                )
+            self.router_keys = self.add_weight(
+                shape=self._router_keys.shape,
+                initializer="zeros",
+                dtype="float32",
+                autocast=False,
+                trainable=False,
+                name="router_keys",
+            )
+            self.router_keys.assign(stored_keys(self._router_keys))
         if not self.bank.built:
             self.bank.build((None, d_model))
         if self.shared_expert:
@@ -232,9 +301,62 @@ class SparseMoE(keras.layers.Layer):
         )
         self.router_entropy = self.add_weight(shape=(), initializer="zeros", name="router_entropy", **stat)
 
-    def _route(self, x_flat, mask_flat, modality_flat, training: bool):
-        """Routing, weighted aux losses, statistics and capacity for flat tokens."""
-        num_tokens = routing_lib.num_tokens_of(x_flat)
+    def set_router_keys(self, keys) -> None:
+        """Replaces the router keys by `keys` of the same shape (stored L2-normalized).
+
+        Raises:
+            ValueError: the layer routes with a learned kernel, or `keys` is not a
+                valid `(num_experts, d)` array of non-zero keys of the same width.
+        """
+        if self._router_keys is None:
+            raise ValueError(
+                "`set_router_keys` needs a layer made with `router_keys`; this layer has a learned router. "
+                "Received: router_keys=None"
+            )
+        keys = self._validate_router_keys(keys)
+        if keys.shape != self._router_keys.shape:
+            raise ValueError(
+                f"`router_keys` must keep the shape {self._router_keys.shape}. Received: router_keys.shape={keys.shape}"
+            )
+        self._router_keys = keys
+        if self.built:
+            self.router_keys.assign(stored_keys(keys))
+
+    def _router_inputs(self, x, mask):
+        """Flat float32 routing features `(tokens, f)` and the kernel `(f, experts)` they are routed
+        with: the tokens' features and `router_kernel`, or with keys their key logits and the
+        identity over `router_temperature`."""
+        features = ops.cast(x, "float32")
+        keyed = self._router_keys is not None
+        d_model = x.shape[-1]
+        if keyed:
+            features = l2_normalize(features)
+        if self.routing_scope == "sequence":
+            if len(x.shape) != 3:
+                raise ValueError(
+                    'routing_scope="sequence" needs inputs of rank 3 (batch, seq, d). '
+                    f"Received: x.shape={tuple(x.shape)}"
+                )
+            weights = ops.ones_like(features[..., 0]) if mask is None else ops.cast(mask, "float32")
+            total = ops.sum(features * weights[..., None], axis=1, keepdims=True)
+            count = ops.maximum(ops.sum(weights, axis=1, keepdims=True), 1.0)[..., None]
+            mean = l2_normalize(total) if keyed else total / count
+            if keyed:  # one score per sequence, shared by its tokens
+                mean = ops.expand_dims(key_logits(ops.reshape(mean, (-1, d_model)), self.router_keys), 1)
+            shape = ops.shape(features)
+            features = ops.broadcast_to(mean, (shape[0], shape[1], mean.shape[-1]))
+        elif keyed:
+            features = key_logits(ops.reshape(features, (-1, d_model)), self.router_keys)
+        features = ops.reshape(features, (-1, features.shape[-1]))
+        if keyed:
+            kernel = ops.eye(self.num_experts, dtype="float32") / self.router_temperature
+        else:
+            kernel = ops.convert_to_tensor(self.router_kernel)
+        return features, kernel
+
+    def _route(self, features, kernel, mask_flat, modality_flat, training: bool):
+        """Routing, weighted aux losses, statistics and capacity for flat routing features."""
+        num_tokens = routing_lib.num_tokens_of(features)
         noise = None
         if training and self.noise_std > 0:
             shape = (num_tokens, self.num_experts)
@@ -243,10 +365,10 @@ class SparseMoE(keras.layers.Layer):
         capacity = routing_lib.compute_capacity(num_tokens, self.num_experts, self.top_k, factor)
         entropy_weights = tuple((k, w) for k, w in self._entropy_weights.items() if w > 0)
         routing, losses, statistics = routing_lib.route(
-            x_flat,
+            features,
             mask_flat,
             modality_flat,
-            ops.convert_to_tensor(self.router_kernel),
+            kernel,
             noise,
             router=self.router,
             top_k=self.top_k,
@@ -277,7 +399,8 @@ class SparseMoE(keras.layers.Layer):
     def call(self, x, mask=None, modality=None, training=None):
         training = bool(training)
         x_flat, mask_flat, modality_flat, num_tokens = self._flatten(x, mask, modality)
-        routing, losses, statistics, capacity = self._route(x_flat, mask_flat, modality_flat, training)
+        features, kernel = self._router_inputs(x, mask)
+        routing, losses, statistics, capacity = self._route(features, kernel, mask_flat, modality_flat, training)
         y = self._run_experts(x_flat, routing, capacity, num_tokens)
         if self.shared_expert:
             y = y + self.shared_ffn(x_flat, training=training) * ops.cast(mask_flat, y.dtype)[:, None]
@@ -299,8 +422,9 @@ class SparseMoE(keras.layers.Layer):
         x = ops.convert_to_tensor(x)
         if not self.built:
             self.build(x.shape)
-        x_flat, mask_flat, _, num_tokens = self._flatten(x, mask, None)
-        routing = self._route(x_flat, mask_flat, None, bool(training))[0]
+        _, mask_flat, _, num_tokens = self._flatten(x, mask, None)
+        features, kernel = self._router_inputs(x, mask)
+        routing = self._route(features, kernel, mask_flat, None, bool(training))[0]
         table = np.asarray(ops.convert_to_numpy(routing.token_table)).reshape(self.num_experts, -1)
         return (table < num_tokens).sum(axis=1).astype("int64")
 
@@ -334,6 +458,9 @@ class SparseMoE(keras.layers.Layer):
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
             router_initializer=keras.initializers.serialize(self.router_initializer),
             seed=self.seed,
+            router_keys=None if self._router_keys is None else self._router_keys.tolist(),
+            router_temperature=self.router_temperature,
+            routing_scope=self.routing_scope,
         )
         return config
 

@@ -27,6 +27,8 @@ def kvlm_register_experts():
             version=__version__,
             description="Feed-forward expert with a parallel low-rank linear path for document tokens.",
             vocabulary=VOCABULARY,
+            # Trained against the shipped base kvlm_tiny_vqa (scripts/release_experts.py).
+            trained="expert",
         )
     ]
 

@@ -27,6 +27,8 @@ def kvlm_register_experts():
             version=__version__,
             description="Gated (GLU) feed-forward expert for medical imaging tokens.",
             vocabulary=VOCABULARY,
+            # Trained against the shipped base kvlm_tiny_vqa (scripts/release_experts.py).
+            trained="expert",
         )
     ]
 

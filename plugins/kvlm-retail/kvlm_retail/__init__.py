@@ -27,6 +27,8 @@ def kvlm_register_experts():
             version=__version__,
             description="Key-value memory expert: each token reads a softmax mix of learned product slots.",
             vocabulary=VOCABULARY,
+            # Trained against the shipped base kvlm_tiny_vqa (scripts/release_experts.py).
+            trained="expert",
         )
     ]
 

@@ -1,0 +1,206 @@
+"""Domain experts on the shipped base: trained with the base frozen, installed with no gradient step."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import keras
+import numpy as np
+import pytest
+
+from kvlm.data import make_dataset, shapes
+from kvlm.layers.moe.keys import key_logits, l2_normalize
+from kvlm.models.domain_experts import Base, TrainedExpert, install_experts, routing_features
+from kvlm.runs import TrainConfig, load_run
+from kvlm.tasks.domain_expert.task import EXPERT_DIR, PLUGIN_DIR
+from kvlm.training import fit
+from kvlm.training.evaluation import answer_accuracy
+from kvlm.training.examples import load_examples
+from kvlm.training.loop import resolve_config
+
+DATASET = "retail_shelves"
+
+
+@pytest.fixture(scope="module")
+def base():
+    return Base.load("kvlm_tiny_vqa")
+
+
+@pytest.fixture(scope="module")
+def retail(tmp_path_factory):
+    """A retail expert ("shop") trained through the product loop (`kvlm train --task domain_expert`)."""
+    out = tmp_path_factory.mktemp("retail")
+    config = TrainConfig(task="domain_expert", output=str(out), datasets=[DATASET], train_size=1536, eval_size=300,
+                         epochs=3, task_options={"expert_name": "shop"})
+    summary = fit(config, verbose=0, checkpoint=False)
+    return out, summary, load_examples(resolve_config(config))[1]
+
+
+def _routed(model, examples, tokenizer, answers, image_size) -> np.ndarray:
+    """Per example, the key each SparseMoE block (as `SparseMoE` routes a sequence) and the answer
+    head pick: int `(examples, blocks + 1)`."""
+    from kvlm.layers import FusionBlock
+
+    blocks = [layer for layer in model.layers if isinstance(layer, FusionBlock)]
+    head = model.get_layer("answer_head")
+    picks = []
+    for inputs, _ in make_dataset(examples, tokenizer, answers, image_size, 256):
+        features, pooled, mask = routing_features(model, inputs)
+        rows = []
+        for block, x in zip(blocks, features):
+            keys = keras.ops.convert_to_tensor(block.ffn.router_keys)
+            unit = x / np.linalg.norm(x, axis=-1, keepdims=True)
+            mean = (unit * mask[..., None]).sum(1)
+            rows.append(np.argmax(keras.ops.convert_to_numpy(key_logits(l2_normalize(mean), keys)), axis=-1))
+        rows.append(keras.ops.convert_to_numpy(head.routed_expert(pooled)))
+        picks.append(np.stack(rows, axis=1))
+    return np.concatenate(picks)
+
+
+def test_the_shipped_base_loads_offline_with_its_fingerprint_and_keys(base):
+    assert base.metrics["accuracy"] >= 0.95
+    assert base.keys.shape == (base.model.backbone.num_fusion_layers + 1, 65, 64)
+    general = shapes.generate(300, seed=5)
+    assert answer_accuracy(base.model, general, base.tokenizer, base.answers, base.image_size) >= 0.95
+    shipped = base.fingerprint
+    kernel = base.model.get_layer("logits").kernel
+    original = keras.ops.convert_to_numpy(kernel)
+    kernel.assign(original + 1e-3)
+    assert base.fingerprint != shipped  # any change to the weights changes the fingerprint
+    kernel.assign(original)
+    assert base.fingerprint == shipped
+
+
+def test_the_task_writes_an_expert_with_what_a_new_domain_needs(base, retail):
+    out, summary, held_out = retail
+    expert = TrainedExpert.load(out / EXPERT_DIR)
+    assert (expert.name, expert.domain, expert.base) == ("shop", "retail", base.fingerprint)
+    # Retail's words and answers are not the base's: the expert brings rows and columns for them.
+    assert len(expert.words) >= 5 and not set(expert.words) & set(base.vocabulary)
+    assert len(expert.answers) >= 3 and not set(expert.answers) & set(base.answers)
+    assert expert.word_embeddings.shape == (len(expert.words), 64)
+    assert expert.keys.shape == base.keys.shape
+    before = answer_accuracy(base.model, held_out, base.tokenizer, base.answers, base.image_size)
+    assert summary["expert"]["accuracy"] == expert.metrics["accuracy"] >= before + 0.15
+    # The run folder is a classifier run: its model reloads and scores what the expert reports.
+    run = load_run(out)
+    assert answer_accuracy(run.model, held_out, run.tokenizer, run.answers, 32) == pytest.approx(
+        expert.metrics["accuracy"], abs=1e-6
+    )
+    assert (out / PLUGIN_DIR / "pyproject.toml").is_file()
+
+
+def test_installing_routes_each_domain_to_its_expert_with_no_training(base, retail):
+    out, _, held_out = retail
+    expert = TrainedExpert.load(out / EXPERT_DIR)
+    installed = install_experts(base, [expert])
+    tokenizer, answers = installed.tokenizer, installed.answers
+    assert answers[: len(base.answers)] == base.answers and set(expert.answers) <= set(answers)
+
+    own = _routed(installed.model, held_out, tokenizer, answers, 32)
+    assert (own == 1).mean() >= 0.95, (own == 1).mean(axis=0)
+    accuracy = answer_accuracy(installed.model, held_out, tokenizer, answers, 32)
+    assert accuracy >= 0.95 * expert.metrics["accuracy"]
+
+    general = shapes.generate(300, seed=6)
+    routed = _routed(installed.model, general, tokenizer, answers, 32)
+    to_base = (routed == 0).all(axis=1)
+    assert to_base.mean() >= 0.95
+    # Where every block routes to the general expert, the model is the base (its logits, unchanged).
+    data = make_dataset(general, tokenizer, answers, 32, 300)
+    new = installed.model.predict(data, verbose=0)
+    old = base.model.predict(make_dataset(general, base.tokenizer, base.answers, 32, 300), verbose=0)
+    np.testing.assert_allclose(new[to_base, : len(base.answers)], old[to_base], atol=1e-4)
+    assert (new[to_base, len(base.answers):] < -1e8).all()
+
+
+def test_installed_model_round_trips_as_keras(base, retail, tmp_path):
+    out, _, held_out = retail
+    installed = install_experts(base, [TrainedExpert.load(out / EXPERT_DIR)])
+    data = make_dataset(held_out[:64], installed.tokenizer, installed.answers, 32, 64)
+    path = tmp_path / "installed.keras"
+    installed.model.save(path)
+    restored = keras.saving.load_model(path)
+    np.testing.assert_allclose(restored.predict(data, verbose=0), installed.model.predict(data, verbose=0), atol=1e-5)
+
+
+def test_an_expert_for_another_base_is_refused_naming_both(base, retail):
+    expert = TrainedExpert.load(retail[0] / EXPERT_DIR)
+    with pytest.raises(ValueError, match=f"trained for the base 0123456789abcdef, but this base is {base.fingerprint}"):
+        install_experts(base, [replace(expert, base="0123456789abcdef")])
+    with pytest.raises(ValueError, match="installed once"):
+        install_experts(base, [expert, expert])
+
+
+def test_the_plugin_installs_with_pip_and_its_expert_routes(retail, tmp_path):
+    """The written plugin distribution, pip-installed, is discovered and installs by name."""
+    site = tmp_path / "site"
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-input", "-q",
+         "--disable-pip-version-check", "--target", str(site), str(retail[0] / PLUGIN_DIR)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    script = (
+        "import json; from kvlm.models.domain_experts import Base, install_experts, installed_experts;"
+        "import kvlm.testing, kvlm_shop_expert;"
+        "kvlm.testing.check_plugin(kvlm_shop_expert, distribution='kvlm-shop-expert');"
+        "m = install_experts(Base.load(), ['shop']);"
+        "print(json.dumps({'experts': m.experts, 'trained': [e.name for e in installed_experts()]}))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert found["experts"] == ["shop"] and "shop" in found["trained"]
+
+
+STANDALONE = r"""
+import json, sys, importlib.util, pathlib
+for name in ("kvlm", "keras", "keras_hub", "jax", "torch"):
+    sys.modules[name] = None
+import tensorflow as tf
+text_package = pathlib.Path(importlib.util.find_spec("tensorflow_text").submodule_search_locations[0])
+for library in sorted((text_package / "python").glob("*/_*.so")):
+    tf.load_op_library(str(library))
+requests = json.load(open(sys.argv[2]))
+serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+out = serve(image_bytes=tf.constant([bytes.fromhex(h) for h in requests["images"]]), text=tf.constant(requests["texts"]))
+print(json.dumps([a.decode() for a in out["answer"].numpy()]))
+"""
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="exported from TensorFlow: torch cannot export, and JAX's SavedModel export of SparseMoE models "
+    "needs a static batch size (the expert capacity is a static shape on JAX)",
+)
+def test_the_installed_model_exports_and_answers_without_kvlm(base, retail, tmp_path):
+    """The exported SavedModel (tensorflow + tensorflow_text only) answers the new domain as the model does."""
+    import tensorflow as tf
+
+    from kvlm.export.savedmodel import export_model
+    from kvlm.training.domain_experts import write_installed_run
+
+    _, _, held_out = retail
+    installed = install_experts(base, [TrainedExpert.load(retail[0] / EXPERT_DIR)])
+    run = write_installed_run(installed, tmp_path / "installed", eval_size=50)
+    version = export_model(run, tmp_path / "models", "experts")
+    examples = held_out[:40] + shapes.generate(24, seed=9)
+    logits = installed.model.predict(make_dataset(examples, installed.tokenizer, installed.answers, 32, 64), verbose=0)
+    expected = [installed.answers[i] for i in logits.argmax(-1)]
+    requests = {"images": [tf.io.encode_png(np.asarray(e.image, np.uint8)).numpy().hex() for e in examples],
+                "texts": [e.question for e in examples]}
+    (tmp_path / "requests.json").write_text(json.dumps(requests))
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run([sys.executable, "-c", STANDALONE, str(version), str(tmp_path / "requests.json")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    served = json.loads(result.stdout.strip().splitlines()[-1])
+    assert served == expected
+    right = sum(s == e.answer for s, e in zip(served, examples))
+    assert right >= 0.7 * len(examples) and set(served[:40]) & set(installed.answers[len(base.answers):])
