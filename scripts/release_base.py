@@ -1,6 +1,6 @@
 """Trains the general base and writes it as the shipped preset `kvlm/presets/kvlm_tiny_vqa`.
 
-    python scripts/release_base.py                 # trains `kvlm train --task vqa --encoder cnn --epochs 8`
+    python scripts/release_base.py                 # trains `kvlm train --task vqa --encoder cnn` (its defaults)
     python scripts/release_base.py --run runs/vqa  # releases a run trained that way
 
 The preset holds the classifier with its preprocessor (keras-hub preset layout) and
@@ -22,7 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default=None, help="a finished `kvlm train --task vqa --encoder cnn` run folder")
-    parser.add_argument("--epochs", type=int, default=8, help="epochs of the training run (vqa's default is 6)")
     parser.add_argument("--output", default=str(ROOT / "kvlm" / "presets" / "kvlm_tiny_vqa"))
     args = parser.parse_args()
 
@@ -36,7 +35,7 @@ def main() -> None:
     run_dir = args.run
     if run_dir is None:
         run_dir = tempfile.mkdtemp(prefix="kvlm-base-")
-        fit(TrainConfig(task="vqa", encoder="cnn", output=run_dir, epochs=args.epochs), verbose=2)
+        fit(TrainConfig(task="vqa", encoder="cnn", output=run_dir), verbose=2)
     run = load_run(run_dir)
     if run.config.task != "vqa" or run.config.encoder != "cnn" or run.config.preset != "kvlm_tiny":
         raise SystemExit(f"{run_dir} is not a kvlm_tiny vqa run with the CNN encoder")

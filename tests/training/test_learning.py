@@ -39,7 +39,7 @@ def test_short_run_uses_the_image_beyond_the_question_only_level(tmp_path):
 @pytest.mark.slow
 @pytest.mark.tensorflow_only
 def test_default_vqa_run_reaches_95_percent_on_held_out_split(tmp_path):
-    # The main job's configuration (the vqa task's defaults): 36,000 examples, 6 epochs.
+    # The main job's configuration (the vqa task's defaults): 36,000 examples, 8 epochs.
     config = TrainConfig(output=str(tmp_path / "run"))
     summary = fit(config, strategy=None, verbose=0, checkpoint=False)
     assert summary["metrics"]["accuracy"] >= 0.95

@@ -43,7 +43,7 @@ def test_each_task_declares_its_defaults_and_loads_its_task():
         assert info.name == name and task.info is info and info.help
         assert {"epochs", "batch_size", "learning_rate"} <= set(info.defaults), name
         assert task.export_description.startswith("signature "), name
-    assert task_info("vqa").defaults == dict(train_size=36000, eval_size=2000, epochs=6, batch_size=64, learning_rate=2e-3)
+    assert task_info("vqa").defaults == dict(train_size=36000, eval_size=2000, epochs=8, batch_size=64, learning_rate=2e-3)
     assert task_info("vqa").strategies == ALL_STRATEGIES
     assert TrainConfig(task="rag").options == {
         "top_k": 3, "train_catalogues": 500, "retriever_epochs": 3, "index_store": 10000, "index_dir": None,
