@@ -15,7 +15,6 @@ treat it as one) plus:
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
