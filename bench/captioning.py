@@ -11,21 +11,17 @@ Run: `python bench/captioning.py` (writes bench/results/captioning.json and capt
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import sys
 import time
-from pathlib import Path
 
-if os.environ.setdefault("KERAS_BACKEND", "tensorflow") != "tensorflow":
-    sys.exit("bench/captioning.py runs on the TensorFlow backend: unset KERAS_BACKEND or set it to tensorflow.")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import common
+
+common.use_tensorflow(__file__)
 
 import keras  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kvlm.data import build_vocabulary, make_caption_dataset, make_tokenizer, shapes  # noqa: E402
 from kvlm.models import Captioner  # noqa: E402
 from kvlm.models.captioning import (  # noqa: E402
@@ -35,22 +31,14 @@ from kvlm.models.captioning import (  # noqa: E402
     most_frequent_caption,
 )
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SAMPLERS = ("greedy", "beam", "top_k")
 NUM_EXAMPLES = 8
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-size", type=int, default=3072)
-    parser.add_argument("--held-out-size", type=int, default=512)
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--learning-rate", type=float, default=2e-3)
-    parser.add_argument("--encoder", choices=("cnn", "vit"), default="cnn")
+    parser = common.training_parser(__doc__, train_size=3072, held_out_size=512, epochs=4, batch_size=32,
+                                    learning_rate=2e-3, encoder="cnn", seed=0, output=str(common.RESULTS))
     parser.add_argument("--sequence-length", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=str(RESULTS))
     return parser.parse_args(argv)
 
 
@@ -112,7 +100,7 @@ def run(args):
     }
 
 
-def write_markdown(result, path):
+def markdown(result) -> str:
     lines = [
         "# Captioning: tiny Captioner on shapes captions",
         "",
@@ -155,7 +143,7 @@ def write_markdown(result, path):
         lines.append(f"- reference: {example['reference']}")
         for sampler in SAMPLERS:
             lines.append(f"  - {sampler}: {example[sampler]}")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
@@ -170,10 +158,7 @@ def main(argv=None):
         total_seconds=round(time.perf_counter() - start, 1),
     )
     result["command"] = result["command"].strip()
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "captioning.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    write_markdown(result, output / "captioning.md")
+    common.write_results(args.output, "captioning", result, markdown(result))
     print(json.dumps({k: result[k] for k in ("bleu", "baseline", "train_seconds", "total_seconds")}, indent=2))
 
 

@@ -22,23 +22,18 @@ distillation.md).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import shlex
 import sys
 import time
-from pathlib import Path
 
-if os.environ.setdefault("KERAS_BACKEND", "tensorflow") != "tensorflow":
-    sys.exit("bench/distillation.py runs on the TensorFlow backend: unset KERAS_BACKEND or set it to tensorflow.")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import common
+
+common.use_tensorflow(__file__)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kvlm.data import answer_vocabulary, build_vocabulary, encode_answers, make_dataset, make_tokenizer  # noqa: E402
 from kvlm.models import VLMClassifier, get_preset  # noqa: E402
 from kvlm.models.distiller import Distiller  # noqa: E402
@@ -46,7 +41,6 @@ from kvlm.models.flops import model_profile  # noqa: E402
 from kvlm.training import TrainConfig, load_examples  # noqa: E402
 from kvlm.training.loop import training_stream  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 STUDENT = dict(hidden_dim=32, num_heads=2, intermediate_dim=64, cnn_filters=16, num_fusion_layers=2)
 QUESTION_TYPES = {
     "what color": "color", "what shape": "shape", "where": "position", "what size": "size",
@@ -159,20 +153,15 @@ def fmt(values) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--train-size", type=int, default=8000)
-    parser.add_argument("--eval-size", type=int, default=1000)
+    parser = common.training_parser(__doc__, train_size=8000, eval_size=1000, batch_size=64, learning_rate=2e-3,
+                                    seed=0, output=str(common.RESULTS))
     parser.add_argument("--teacher-steps", type=int, default=360)
     parser.add_argument("--student-steps", type=int, default=300)
     parser.add_argument("--evals", type=int, default=2, help="held-out evaluations per training run")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--temperature", type=float, default=2.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args(argv)
     wall = time.perf_counter()
 
@@ -265,10 +254,7 @@ def main(argv=None) -> dict:
         "machine": {"cpus": os.cpu_count(), "load_average": list(os.getloadavg()), "platform": platform.platform()},
         "command": "python bench/distillation.py" + ("" if argv is None and len(sys.argv) == 1 else " " + shlex.join(sys.argv[1:] if argv is None else argv)),
     }
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "distillation.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    (out / "distillation.md").write_text(markdown(results), encoding="utf-8")
+    common.write_results(args.output, "distillation", results, markdown(results))
     print(markdown(results))
     return results
 

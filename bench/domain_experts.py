@@ -13,15 +13,13 @@ data for one expert's steps. Writes bench/results/domain_experts.json and .md.
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
 
+import common
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
 DOMAINS = ("legal", "medical", "retail")
 NEW_DOMAIN = "retail"  # reported as `new_domain`; none of the domains' words and answers are in the base
 
@@ -71,11 +69,7 @@ def _btx(base, experts, train, steps: int, batch_size: int, learning_rate: float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-size", type=int, default=6000)
-    parser.add_argument("--eval-size", type=int, default=1000)
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = common.training_parser(__doc__, train_size=6000, eval_size=1000, epochs=6, seed=0)
     args = parser.parse_args()
 
     import tempfile
@@ -207,10 +201,9 @@ def main() -> None:
                    "install_seconds": round(install_seconds, 2), "keras_backend": keras.backend.backend()},
     }
     workspace.cleanup()
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "domain_experts.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    (RESULTS / "domain_experts.md").write_text(_markdown(results, names), encoding="utf-8")
-    print(_markdown(results, names))
+    markdown = _markdown(results, names)
+    common.write_results(common.RESULTS, "domain_experts", results, markdown)
+    print(markdown)
 
 
 def _markdown(r: dict, names: list[str]) -> str:

@@ -17,27 +17,22 @@ Run: `python bench/moe.py` (writes bench/results/moe.json and moe.md).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
-if os.environ.setdefault("KERAS_BACKEND", "tensorflow") != "tensorflow":
-    sys.exit("bench/moe.py runs on the TensorFlow backend: unset KERAS_BACKEND or set it to tensorflow.")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import common
+
+common.use_tensorflow(__file__)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from keras_hub.src.models.mixtral.mixtral_decoder import MixtralSparseMoeBlock  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kvlm.layers.moe import SparseMoE  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {
     "ours_e64_over_ours_e4": ("<=", 1.5),
     "mixtral_e16_over_ours_e16": (">=", 4.0),
@@ -114,7 +109,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=0, help="TF intra-op threads (0: TF's default)")
-    parser.add_argument("--output", default=str(RESULTS / "moe.json"))
+    parser.add_argument("--output", default=str(common.RESULTS / "moe.json"))
     args = parser.parse_args(argv)
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
@@ -189,10 +184,8 @@ def main(argv=None) -> dict:
         },
     }
     output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
     table = render_table(result)
-    output.with_suffix(".md").write_text(table)
+    common.write_results(output.parent, output.stem, result, table)
     print(table)
     return result
 

@@ -20,8 +20,6 @@ moe_learning.md and routing.png).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import shlex
@@ -31,15 +29,13 @@ import tempfile
 import time
 from pathlib import Path
 
-if os.environ.setdefault("KERAS_BACKEND", "tensorflow") != "tensorflow":
-    sys.exit("bench/moe_learning.py runs on the TensorFlow backend: unset KERAS_BACKEND or set it to tensorflow.")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import common
+
+common.use_tensorflow(__file__)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kvlm.experts import build_expert, datasets  # noqa: E402
 from kvlm.layers.fusion import FeedForward  # noqa: E402
 from kvlm.models import get_preset  # noqa: E402
@@ -51,7 +47,6 @@ from kvlm.training.routing import (  # noqa: E402
     save_routing_heatmap,
 )
 
-RESULTS = Path(__file__).resolve().parent / "results"
 DATASETS = ["legal_documents", "medical_scans", "retail_shelves"]
 # Expert widths giving each expert the dense FFN's parameter count at d_model=64 (16,576).
 EXPERT_OPTIONS = {
@@ -206,17 +201,11 @@ def markdown(results: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-size", type=int, default=12000)
-    parser.add_argument("--eval-size", type=int, default=1500)
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--learning-rate", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = common.training_parser(__doc__, train_size=12000, eval_size=1500, epochs=6, batch_size=32,
+                                    learning_rate=2e-3, seed=0, output=str(common.RESULTS / "moe_learning.json"))
     parser.add_argument("--top-k", type=int, default=1)
     parser.add_argument("--capacity-factor", type=float, default=1.25)
     parser.add_argument("--load-balance-weight", type=float, default=1e-2)
-    parser.add_argument("--output", default=str(RESULTS / "moe_learning.json"))
     args = parser.parse_args(argv)
     start = time.perf_counter()
 
@@ -269,8 +258,7 @@ def main(argv=None) -> dict:
             "cpu_count": os.cpu_count(), "load_average_after": os.getloadavg(),
         },
     }
-    output.write_text(json.dumps(results, indent=2))
-    output.with_suffix(".md").write_text(markdown(results))
+    common.write_results(output.parent, output.stem, results, markdown(results))
     shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {output}, {output.with_suffix('.md')} and {output.parent / 'routing.png'} "
           f"in {results['wall_seconds']:.0f}s")

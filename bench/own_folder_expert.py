@@ -20,9 +20,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+import common
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
@@ -97,8 +97,6 @@ def main() -> None:
             "general_installed": answer_accuracy(installed.model, general, installed.tokenizer, installed.answers, 32),
         }
         results["installed_over_specialist"] = round(results["installed"] / max(results["specialist"], 1e-9), 4)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "own_folder_expert.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     markdown = "\n".join([
         "# An expert from a user's own folder of real images (`python bench/own_folder_expert.py`)",
         "",
@@ -114,7 +112,7 @@ def main() -> None:
         f"| general (shapes) | {results['general_base']:.3f} | - | {results['general_installed']:.3f} | - |",
         "",
     ])
-    (RESULTS / "own_folder_expert.md").write_text(markdown, encoding="utf-8")
+    common.write_results(common.RESULTS, "own_folder_expert", results, markdown)
     print(markdown)
 
 

@@ -20,25 +20,19 @@ Run: `python bench/rag.py` (writes bench/results/rag.json and rag.md).
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-if os.environ.setdefault("KERAS_BACKEND", "tensorflow") != "tensorflow":
-    sys.exit("bench/rag.py runs on the TensorFlow backend: unset KERAS_BACKEND or set it to tensorflow.")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import common
+
+common.use_tensorflow(__file__)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kvlm.data import (  # noqa: E402
     build_vocabulary,
     catalogue,
@@ -63,25 +57,17 @@ from kvlm.tasks.rag.task import (  # noqa: E402
     train_retriever,
 )
 
-RESULTS = Path(__file__).resolve().parent / "results"
 HELD_OUT_STORE = 10_000
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-size", type=int, default=12000)
-    parser.add_argument("--held-out-size", type=int, default=1000)
+    parser = common.training_parser(__doc__, train_size=12000, held_out_size=1000, epochs=8, batch_size=64,
+                                    learning_rate=1e-3, encoder="cnn", seed=0, output=str(common.RESULTS))
     parser.add_argument("--train-catalogues", type=int, default=500)
     parser.add_argument("--held-out-catalogues", type=int, default=50)
-    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--retriever-epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--top-k", type=int, default=3)
-    parser.add_argument("--encoder", choices=("cnn", "vit"), default="cnn")
     parser.add_argument("--index-sizes", default="1000,10000,100000,1000000")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=str(RESULTS))
     return parser.parse_args(argv)
 
 
@@ -261,7 +247,7 @@ def run(args):
     }
 
 
-def write_markdown(result, path):
+def markdown(result) -> str:
     r = result
     k = r["config"]["top_k"]
     lines = [
@@ -298,26 +284,15 @@ def write_markdown(result, path):
     ]
     for row in r["index_scaling"]:
         lines.append(f"| {row['entries']:,} | {row['index_megabytes']} | {row['batch_1_ms']} | {row['batch_32_ms']} |")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     args = parse_args(argv)
     start = time.perf_counter()
-    result = run(args)
-    result = {
-        "command": "python " + " ".join(["bench/rag.py", *(argv if argv is not None else sys.argv[1:])]),
-        "config": {k: v for k, v in vars(args).items() if k != "output"},
-        **result,
-        "keras_backend": keras.backend.backend(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-        "total_seconds": round(time.perf_counter() - start, 1),
-    }
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "rag.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    write_markdown(result, output / "rag.md")
-    print(f"wrote {output / 'rag.json'} and {output / 'rag.md'}")
+    result = common.record(__file__, args, argv, run(args), start)
+    path = common.write_results(args.output, "rag", result, markdown(result))
+    print(f"wrote {path} and {path.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -14,40 +14,24 @@ Run: `python bench/retrieval.py` (writes bench/results/retrieval.json and retrie
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
-import sys
 import time
-from pathlib import Path
 
-if os.environ.setdefault("KERAS_BACKEND", "tensorflow") != "tensorflow":
-    sys.exit("bench/retrieval.py runs on the TensorFlow backend: unset KERAS_BACKEND or set it to tensorflow.")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import common
+
+common.use_tensorflow(__file__)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kvlm.data import build_vocabulary, make_pair_dataset, make_tokenizer, shapes  # noqa: E402
 from kvlm.models import DualEncoder  # noqa: E402
 from kvlm.models.retrieval import DEFAULT_KS, chance_recall_at_k, embed_pairs, recall_at_k  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-size", type=int, default=4096)
-    parser.add_argument("--held-out-size", type=int, default=512)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--encoder", choices=("cnn", "vit"), default="cnn")
+    parser = common.training_parser(__doc__, train_size=4096, held_out_size=512, epochs=10, batch_size=64,
+                                    learning_rate=1e-3, encoder="cnn", seed=0, output=str(common.RESULTS))
     parser.add_argument("--losses", default="clip,siglip")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=str(RESULTS))
     return parser.parse_args(argv)
 
 
@@ -77,7 +61,7 @@ def run_one(loss, args, train, held_out, tokenizer, vocabulary_size):
     }
 
 
-def write_markdown(result, path):
+def markdown(result) -> str:
     ks = result["ks"]
     chance = result["chance"]
     lines = [
@@ -127,7 +111,7 @@ def write_markdown(result, path):
         f"Machine: {result['machine']}. Wall time of the whole run: {result['total_seconds']:.0f} s.",
         "",
     ]
-    path.write_text("\n".join(lines), encoding="utf-8")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -145,9 +129,7 @@ def main(argv=None):
         run = run_one(loss.strip(), args, train, held_out, tokenizer, len(vocabulary))
         print(json.dumps({k: run[k] for k in ("loss", "train_seconds", "recall")}), flush=True)
         runs.append(run)
-    result = {
-        "command": "python " + " ".join(["bench/retrieval.py", *(argv if argv is not None else sys.argv[1:])]),
-        "config": {k: v for k, v in vars(args).items() if k != "output"},
+    body = {
         "data": {
             "train_seed": train_seed,
             "held_out_seed": held_out_seed,
@@ -158,15 +140,10 @@ def main(argv=None):
         "chance": chance_recall_at_k(captions, DEFAULT_KS),
         "chance_paired_only": chance_recall_at_k(len(captions), DEFAULT_KS),
         "runs": runs,
-        "keras_backend": keras.backend.backend(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-        "total_seconds": round(time.perf_counter() - total_start, 1),
     }
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "retrieval.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    write_markdown(result, output / "retrieval.md")
-    print(f"wrote {output / 'retrieval.json'} and {output / 'retrieval.md'}")
+    result = common.record(__file__, args, argv, body, total_start)
+    path = common.write_results(args.output, "retrieval", result, markdown(result))
+    print(f"wrote {path} and {path.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import common
 
 
 def _free_port() -> int:
@@ -88,13 +88,13 @@ def _command(args, backend: str, strategy: str, output: Path, cpu_devices: int |
 def _env(backend: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("TF_CONFIG", "XLA_FLAGS", "CUDA_VISIBLE_DEVICES")
            and not k.startswith("KERAS_DISTRIBUTION_")}
-    env.update(KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT), **extra)
+    env.update(KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(common.ROOT), **extra)
     return env
 
 
 def _launch(commands: list[tuple[list[str], dict]], timeout: float) -> list[dict]:
     processes = [
-        subprocess.Popen(c, env=e, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(c, env=e, cwd=common.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for c, e in commands
     ]
     results = []
@@ -144,8 +144,8 @@ def scenarios(args, scratch: Path):
                 yield backend, "data_parallel (multi-process)", count, count, commands
 
 
-def write_markdown(report: dict, path: Path) -> None:
-    machine = report["machine"]
+def markdown(report: dict) -> str:
+    machine, rows = report["machine"], report["results"]
     lines = [
         "# Training scaling benchmark",
         "",
@@ -159,7 +159,7 @@ def write_markdown(report: dict, path: Path) -> None:
         "| backend | strategy | devices | workers | examples/s (median) | runs | vs 1 device |",
         "|---|---|---|---|---|---|---|",
     ]
-    for row in report["results"]:
+    for row in rows:
         runs = ", ".join(f"{x:.0f}" for x in row["runs_examples_per_second"])
         lines.append(
             f"| {row['backend']} | {row['strategy']} | {row['devices']} | {row['workers']} | "
@@ -167,7 +167,7 @@ def write_markdown(report: dict, path: Path) -> None:
         )
     lines += ["", *report["notes"], "", f"Command: `{report['command']}`", "", "On a multi-GPU host:", ""]
     lines += [f"    {c}" for c in report["gpu_commands"]]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
@@ -193,8 +193,7 @@ def main() -> int:
 
     import tempfile
 
-    results_dir = Path(args.output or ROOT / "bench" / "results")
-    results_dir.mkdir(parents=True, exist_ok=True)
+    results_dir = Path(args.output or common.RESULTS)
     load_before = [round(x, 2) for x in os.getloadavg()]
     rows: dict[tuple, dict] = {}
     with tempfile.TemporaryDirectory() as scratch:
@@ -239,9 +238,8 @@ def main() -> int:
             "# and run `kvlm train --strategy multi_worker` / `--strategy data_parallel` there (docs/training.md).",
         ],
     }
-    (results_dir / "scaling.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    write_markdown(report, results_dir / "scaling.md")
-    print(f"wrote {results_dir / 'scaling.json'} and scaling.md")
+    path = common.write_results(results_dir, "scaling", report, markdown(report))
+    print(f"wrote {path} and scaling.md")
     return 0
 
 

@@ -31,8 +31,9 @@ import threading
 import time
 from pathlib import Path
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import common
+
+common.use_tensorflow(__file__)
 
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
@@ -40,7 +41,6 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_text  # noqa: E402,F401
 from tensorflow_serving.apis import prediction_service_pb2_grpc  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 BATCHING = """max_batch_size {{ value: {max_batch_size} }}
 batch_timeout_micros {{ value: {timeout} }}
 max_enqueued_batches {{ value: 100 }}
@@ -60,7 +60,7 @@ class ServerProcess:
             sys.executable, "-m", "kvlm", "serve", "--port", "0", "--model_name", "kvlm",
             "--model_base_path", str(base_path), "--file_system_poll_wait_seconds", "0", *extra,
         ]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=common.ROOT)
         line = self.process.stdout.readline()
         if "Running gRPC ModelServer at" not in line:
             self.process.kill()
@@ -95,30 +95,36 @@ def measured_load(server: ServerProcess, requests: list, clients: int, per_clien
     return result
 
 
-def load(target: str, requests: list, clients: int, per_client: int, timeout: float = 60.0) -> dict:
-    """`clients` threads, each with its own channel, sending `per_client` requests in a row."""
+class RequestFailed(Exception):
+    """A request that got an error status."""
+
+
+def drive(clients: int, per_client: int, connect) -> dict:
+    """Runs `clients` threads, each sending `per_client` requests in a row.
+
+    `connect(index)` opens one client's connection and returns `(call, close)`; `call()`
+    sends one request and returns the size of the batch it ran in (0: not reported), or
+    raises `RequestFailed`. Each client sends one request before the clock starts.
+    """
     latencies: list[list[float]] = [[] for _ in range(clients)]
     batch_sizes: list[list[int]] = [[] for _ in range(clients)]
     errors: list[str] = []
     barrier = threading.Barrier(clients + 1)
 
     def client(index: int) -> None:
-        channel = grpc.insecure_channel(target)
-        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        request = requests[index % len(requests)]
-        stub.Predict(request, timeout=timeout)  # connect before the clock starts
+        call, close = connect(index)
+        call()  # connect before the clock starts
         barrier.wait()
         for _ in range(per_client):
             start = time.perf_counter()
             try:
-                _, call = stub.Predict.with_call(request, timeout=timeout)
-            except grpc.RpcError as error:
-                errors.append(f"{error.code().name}: {error.details()}")
+                size = call()
+            except RequestFailed as error:
+                errors.append(str(error))
                 continue
             latencies[index].append(time.perf_counter() - start)
-            metadata = dict(call.trailing_metadata() or ())
-            batch_sizes[index].append(int(metadata.get("kvlm-batch-size", 1)))
-        channel.close()
+            batch_sizes[index].append(size)
+        close()
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for thread in threads:
@@ -129,7 +135,7 @@ def load(target: str, requests: list, clients: int, per_client: int, timeout: fl
         thread.join()
     seconds = time.perf_counter() - start
     flat = [x for part in latencies for x in part]
-    sizes = [x for part in batch_sizes for x in part]
+    sizes = [x for part in batch_sizes for x in part if x]
     return {
         "clients": clients,
         "requests": clients * per_client,
@@ -139,20 +145,37 @@ def load(target: str, requests: list, clients: int, per_client: int, timeout: fl
         "throughput_rps": len(flat) / seconds,
         "p50_ms": percentile(flat, 50) * 1e3,
         "p99_ms": percentile(flat, 99) * 1e3,
-        "mean_batch_size_seen": float(np.mean(sizes)) if sizes else 0.0,
+        "mean_batch_size_seen": float(np.mean(sizes)) if sizes else float("nan"),
         "max_batch_size_seen": max(sizes, default=0),
     }
 
 
+def load(target: str, requests: list, clients: int, per_client: int, timeout: float = 60.0) -> dict:
+    """gRPC clients, each with its own channel, sending one Predict request after another."""
+
+    def connect(index: int):
+        channel = grpc.insecure_channel(target)
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        request = requests[index % len(requests)]
+
+        def call() -> int:
+            try:
+                _, rpc = stub.Predict.with_call(request, timeout=timeout)
+            except grpc.RpcError as error:
+                raise RequestFailed(f"{error.code().name}: {error.details()}") from None
+            return int(dict(rpc.trailing_metadata() or ()).get("kvlm-batch-size", 1))
+
+        return call, channel.close
+
+    return drive(clients, per_client, connect)
+
+
 def rest_load(target: str, bodies: list[bytes], clients: int, per_client: int, timeout: float = 60.0) -> dict:
-    """`clients` threads, each with its own keep-alive HTTP connection, POSTing `:predict` bodies."""
+    """REST clients, each with its own keep-alive HTTP connection, POSTing `:predict` bodies."""
     host, port = target.rsplit(":", 1)
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    errors: list[str] = []
-    barrier = threading.Barrier(clients + 1)
     headers = {"Content-Type": "application/json"}
 
-    def client(index: int) -> None:
+    def connect(index: int):
         connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
         body = bodies[index % len(bodies)]
 
@@ -160,34 +183,13 @@ def rest_load(target: str, bodies: list[bytes], clients: int, per_client: int, t
             connection.request("POST", "/v1/models/kvlm:predict", body, headers)
             response = connection.getresponse()
             response.read()
-            return response.status
+            if response.status != 200:
+                raise RequestFailed(f"HTTP {response.status}")
+            return 0
 
-        call()  # connect before the clock starts
-        barrier.wait()
-        for _ in range(per_client):
-            start = time.perf_counter()
-            status = call()
-            if status != 200:
-                errors.append(f"HTTP {status}")
-                continue
-            latencies[index].append(time.perf_counter() - start)
-        connection.close()
+        return call, connection.close
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    start = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    seconds = time.perf_counter() - start
-    flat = [x for part in latencies for x in part]
-    return {
-        "clients": clients, "requests": clients * per_client, "errors": len(errors),
-        "error_examples": sorted(set(errors))[:5], "seconds": seconds, "throughput_rps": len(flat) / seconds,
-        "p50_ms": percentile(flat, 50) * 1e3, "p99_ms": percentile(flat, 99) * 1e3,
-        "mean_batch_size_seen": float("nan"), "max_batch_size_seen": 0,
-    }
+    return drive(clients, per_client, connect)
 
 
 def rest_bodies(images: list[bytes], texts: list[str]) -> list[bytes]:
@@ -294,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="num_batch_threads: 1 runs one batch at a time, TensorFlow using every core for it")
     parser.add_argument("--compare-batch-threads", type=int, nargs="*", default=[2],
                         help="also measure these num_batch_threads values (reported, not used for the target)")
-    parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "serving.json"))
+    parser.add_argument("--output", default=str(common.RESULTS), help="folder for serving.json and serving.md")
     args = parser.parse_args(argv)
 
     from kvlm.export.testing import example_requests
@@ -368,10 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         "latency_met": result["batch1_latency"]["ratio"] <= 1.15,
         "errors": unbatched["errors"] + sum(r["errors"] for r in batched_runs.values()) + rest_batched["errors"],
     }
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
-    output.with_suffix(".md").write_text(to_markdown(result))
+    common.write_results(args.output, "serving", result, to_markdown(result))
     print(to_markdown(result))
     return 0 if result["targets"]["errors"] == 0 else 1
 
