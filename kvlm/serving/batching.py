@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 
 from kvlm.serving.config import BatchingConfig
-from kvlm.serving.errors import ServingError
+from kvlm.serving.errors import ServingError, exhausted
 
 logger = logging.getLogger(__name__)
 
@@ -112,10 +112,9 @@ class Batcher:
             if self._closed:
                 raise ServingError(grpc.StatusCode.UNAVAILABLE, f"{self.name} is shutting down.")
             if self._pending_examples + size > limit:
-                raise ServingError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                raise exhausted(
                     f"The batching queue of {self.name} is full ({self._pending_examples} examples waiting, "
-                    f"max_enqueued_batches={self.config.max_enqueued_batches}); retry later.",
+                    f"max_enqueued_batches={self.config.max_enqueued_batches}); retry later."
                 )
             self._pending.append(task)
             self._pending_examples += size

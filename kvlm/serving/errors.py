@@ -27,6 +27,10 @@ def not_found(message: str) -> ServingError:
     return ServingError(grpc.StatusCode.NOT_FOUND, message)
 
 
+def exhausted(message: str) -> ServingError:
+    return ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+
 def status_from_tf_code(code: int) -> grpc.StatusCode:
     """TensorFlow error codes are numbered as gRPC's status codes."""
     for status in grpc.StatusCode:

@@ -14,10 +14,9 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 
-import grpc
 import numpy as np
 
-from kvlm.serving.errors import ServingError, invalid
+from kvlm.serving.errors import exhausted, invalid
 
 BYTES_PER_PIXEL = 4  # decoders may expand to RGBA before dropping the alpha channel
 _PNG = b"\x89PNG\r\n\x1a\n"
@@ -101,20 +100,18 @@ class DecodeBudget:
         if not self.max_bytes or not size:
             return
         if size > self.max_bytes:
-            raise ServingError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise exhausted(
                 f"Decoding this request's images takes {size} bytes, more than the server's decode memory "
-                f"({self.max_bytes} bytes, --max_decode_bytes).",
+                f"({self.max_bytes} bytes, --max_decode_bytes)."
             )
         deadline = time.monotonic() + self.wait_seconds
         with self._cond:
             while self.in_flight + size > self.max_bytes:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise ServingError(
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    raise exhausted(
                         f"The server's decode memory is in use ({self.in_flight} of {self.max_bytes} bytes, "
-                        f"--max_decode_bytes); this request needs {size}. Retry later.",
+                        f"--max_decode_bytes); this request needs {size}. Retry later."
                     )
                 self._cond.wait(left)
             self.in_flight += size

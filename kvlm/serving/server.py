@@ -31,15 +31,16 @@ logger = logging.getLogger(__name__)
 BATCH_SIZE_METADATA = "kvlm-batch-size"
 
 
-def _unary(api: str, method: str, model_name=lambda request: request.model_spec.name):
-    """A gRPC handler running `InferenceService.<method>`: errors become the call's status."""
+def _unary(api: str, method: str, model_name=lambda request: request.model_spec.name, timed: bool = True):
+    """A gRPC handler running `InferenceService.<method>` (given the call's time left when
+    `timed`): errors become the call's status."""
 
     def handler(self, request, context):
         service = self.service
+        run = getattr(service, method)
+        call = (lambda: run(request, context.time_remaining())) if timed else (lambda: run(request))
         try:
-            return service.measured(
-                api, "GRPC", model_name(request), lambda: getattr(service, method)(request, context.time_remaining())
-            )
+            return service.measured(api, "GRPC", model_name(request), call)
         except ServingError as error:
             context.abort(error.code, error.message)
 
@@ -71,13 +72,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         "multi_inference", "multi_inference",
         lambda request: request.tasks[0].model_spec.name if request.tasks else "",
     )
-
-    def GetModelMetadata(self, request, context):
-        try:
-            return self.service.measured("get_model_metadata", "GRPC", request.model_spec.name,
-                                         lambda: self.service.metadata(request))
-        except ServingError as error:
-            context.abort(error.code, error.message)
+    GetModelMetadata = _unary("get_model_metadata", "metadata", timed=False)
 
 
 class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
@@ -86,18 +81,8 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     def __init__(self, service: InferenceService):
         self.service = service
 
-    def GetModelStatus(self, request, context):
-        try:
-            return self.service.measured("get_model_status", "GRPC", request.model_spec.name,
-                                         lambda: self.service.status(request))
-        except ServingError as error:
-            context.abort(error.code, error.message)
-
-    def HandleReloadConfigRequest(self, request, context):
-        try:
-            return self.service.measured("reload_config", "GRPC", "", lambda: self.service.reload(request))
-        except ServingError as error:
-            context.abort(error.code, error.message)
+    GetModelStatus = _unary("get_model_status", "status", timed=False)
+    HandleReloadConfigRequest = _unary("reload_config", "reload", model_name=lambda request: "", timed=False)
 
 
 class _TokenAuth(grpc.ServerInterceptor):

@@ -197,17 +197,18 @@ class InferenceService:
         return result, signature.name
 
     def classify(self, request: classification_pb2.ClassificationRequest, timeout: float | None = None):
-        loaded = self._resolve(request.model_spec)
-        result, name = self._classify(loaded, request.model_spec.signature_name, serialized_examples(request.input), timeout)
-        response = classification_pb2.ClassificationResponse(result=result)
-        _fill_spec(response.model_spec, request.model_spec.name, loaded.version, name)
-        return response
+        return self._examples_response(request, self._classify, classification_pb2.ClassificationResponse, timeout)
 
     def regress(self, request: regression_pb2.RegressionRequest, timeout: float | None = None):
-        loaded = self._resolve(request.model_spec)
-        result, name = self._regress(loaded, request.model_spec.signature_name, serialized_examples(request.input), timeout)
-        response = regression_pb2.RegressionResponse(result=result)
-        _fill_spec(response.model_spec, request.model_spec.name, loaded.version, name)
+        return self._examples_response(request, self._regress, regression_pb2.RegressionResponse, timeout)
+
+    def _examples_response(self, request, infer: Callable, response_type: type, timeout: float | None):
+        """A Classify or Regress response: `infer` runs the request's examples on the resolved version."""
+        spec = request.model_spec
+        loaded = self._resolve(spec)
+        result, name = infer(loaded, spec.signature_name, serialized_examples(request.input), timeout)
+        response = response_type(result=result)
+        _fill_spec(response.model_spec, spec.name, loaded.version, name)
         return response
 
     def multi_inference(self, request: inference_pb2.MultiInferenceRequest, timeout: float | None = None):
