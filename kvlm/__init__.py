@@ -7,6 +7,8 @@ from typing import Any
 
 import pluggy
 
+from kvlm.lazy import lazy_getattr
+
 __version__ = "0.1.0"
 
 # Marks a plugin's hook implementations; plugins use it instead of importing pluggy.
@@ -21,10 +23,11 @@ _LAZY = {
 }
 
 
+_lazy_attribute = lazy_getattr(__name__, _LAZY)
+
+
 def __getattr__(name: str) -> Any:
     """Imports heavy subpackages on first use so `import kvlm` stays cheap."""
     if name in _SUBMODULES:
         return importlib.import_module(f"kvlm.{name}")
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'kvlm' has no attribute {name!r}")
+    return _lazy_attribute(name)

@@ -8,6 +8,9 @@ model survives the `.keras` round trip (`run_model_saving_test`) with identical 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -84,3 +87,34 @@ def run_task_test(
     assert losses[-1] < max_loss_ratio * losses[0], losses
 
     return run_model_saving_test(model, x, Path(tmp_path) / f"{model.name}.keras", atol=atol)
+
+
+# Loads a SavedModel where kvlm, Keras, keras-hub, JAX and PyTorch cannot be imported, as a
+# TF Serving process would, and answers the requests in argv[2] (JSON).
+_SERVE_WITHOUT_KVLM = r"""
+import importlib.util, json, pathlib, sys
+for name in ("kvlm", "keras", "keras_hub", "jax", "torch"):
+    sys.modules[name] = None
+import tensorflow as tf
+text = pathlib.Path(importlib.util.find_spec("tensorflow_text").submodule_search_locations[0])
+for library in sorted((text / "python").glob("*/_*.so")):
+    tf.load_op_library(str(library))
+requests = json.load(open(sys.argv[2]))
+model = tf.saved_model.load(sys.argv[1])
+outputs = model.signatures["serving_default"](
+    image_bytes=tf.constant([bytes.fromhex(h) for h in requests["images"]]), text=tf.constant(requests["texts"]))
+print(json.dumps({"scores": outputs["scores"].numpy().tolist(), "answers": [a.decode() for a in outputs["answer"].numpy()],
+                  "variables": sorted({v.name.split(":")[0].split("/")[-1] for v in model.variables})}))
+"""
+
+
+def serve_without_kvlm(version_dir: str | Path, images: list[bytes], texts: list[str], workdir: Path) -> dict[str, Any]:
+    """A VQA SavedModel's `serving_default` answers in a process that cannot import kvlm or Keras:
+    `{"scores", "answers", "variables"}` (variable names without scopes)."""
+    requests = Path(workdir) / "requests.json"
+    requests.write_text(json.dumps({"images": [i.hex() for i in images], "texts": list(texts)}))
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    process = subprocess.run([sys.executable, "-c", _SERVE_WITHOUT_KVLM, str(version_dir), str(requests)],
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert process.returncode == 0, process.stderr[-3000:]
+    return json.loads(process.stdout.strip().splitlines()[-1])

@@ -14,8 +14,7 @@ Submodules import TensorFlow and Keras lazily, so `kvlm.export.layout` stays lig
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from kvlm.lazy import lazy_getattr
 
 _LAZY = {
     "export_model": "kvlm.export.savedmodel",
@@ -39,9 +38,4 @@ _LAZY = {
 }
 
 __all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'kvlm.export' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

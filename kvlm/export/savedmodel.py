@@ -37,6 +37,7 @@ from kvlm.export.signatures import (
     INPUT_NAMES,
     OUTPUT_NAMES,
     SIGNATURE_NAME,
+    TEXT_INPUT,
     make_caption_function,
     make_embed_function,
     make_serving_function,
@@ -108,8 +109,7 @@ def write_saved_model(
     archive.add_endpoint(SIGNATURE_NAME, serve)
     archive.write_out(str(path), verbose=False)
 
-    write_warmup_requests(path, model_name, image_size)
-    metadata = {
+    return _finish_export(path, model_name, image_size, {
         "signature": SIGNATURE_NAME,
         "inputs": list(INPUT_NAMES),
         "outputs": list(OUTPUT_NAMES),
@@ -117,7 +117,13 @@ def write_saved_model(
         "image_size": image_size,
         "sequence_length": sequence_length,
         "keras_backend": backend,
-    }
+    })
+
+
+def _finish_export(path: str | Path, model_name: str, image_size: int, metadata: dict) -> Path:
+    """Writes the warm-up requests (with text when the signature takes it) and `kvlm.json`
+    beside a written SavedModel; returns its folder."""
+    write_warmup_requests(path, model_name, image_size, with_text=TEXT_INPUT in metadata["inputs"])
     (Path(path) / WARMUP_DIR / METADATA_FILE).write_text(json.dumps(metadata, indent=2), encoding="utf-8")
     return Path(path)
 
@@ -168,8 +174,7 @@ def write_dual_encoder_saved_model(
     archive.add_endpoint(SIGNATURE_NAME, make_embed_function(embeddings_fn, tokenizer, image_size))
     archive.write_out(str(path), verbose=False)
 
-    write_warmup_requests(path, model_name, image_size)
-    metadata = {
+    return _finish_export(path, model_name, image_size, {
         "signature": SIGNATURE_NAME,
         "signatures": [SIGNATURE_NAME, EMBED_SIGNATURE_NAME],
         "inputs": list(INPUT_NAMES),
@@ -178,9 +183,7 @@ def write_dual_encoder_saved_model(
         "image_size": image_size,
         "sequence_length": model.sequence_length,
         "keras_backend": backend,
-    }
-    (Path(path) / WARMUP_DIR / METADATA_FILE).write_text(json.dumps(metadata, indent=2), encoding="utf-8")
-    return Path(path)
+    })
 
 
 def write_captioner_saved_model(
@@ -229,8 +232,7 @@ def write_captioner_saved_model(
     archive.add_endpoint(SIGNATURE_NAME, caption)
     archive.write_out(str(path), verbose=False)
 
-    write_warmup_requests(path, model_name, image_size, with_text=False)
-    metadata = {
+    return _finish_export(path, model_name, image_size, {
         "signature": SIGNATURE_NAME,
         "signatures": [SIGNATURE_NAME, CAPTION_SIGNATURE_NAME],
         "inputs": list(CAPTION_INPUT_NAMES),
@@ -238,9 +240,7 @@ def write_captioner_saved_model(
         "image_size": image_size,
         "sequence_length": model.sequence_length,
         "keras_backend": backend,
-    }
-    (Path(path) / WARMUP_DIR / METADATA_FILE).write_text(json.dumps(metadata, indent=2), encoding="utf-8")
-    return Path(path)
+    })
 
 
 def export_model(

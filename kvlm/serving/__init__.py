@@ -13,8 +13,7 @@ Imports are lazy: `kvlm.serving.client` needs neither Keras nor the server code.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from kvlm.lazy import lazy_getattr
 
 _LAZY = {
     "PredictClient": "kvlm.serving.client",
@@ -31,9 +30,4 @@ _LAZY = {
 }
 
 __all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'kvlm.serving' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

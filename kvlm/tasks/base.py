@@ -116,13 +116,20 @@ class Task:
         """The compiled model, trained for `steps` steps (in the distribution scope)."""
         raise NotImplementedError
 
+    def batches(
+        self, data: TrainData, examples: Sequence, batch_size: int, shuffle: bool = False, augment: bool = False,
+        seed: tf.Tensor | int = 0,
+    ) -> tf.data.Dataset:
+        """`examples` as the model's batches (what `train_pass` and `eval_dataset` make by default)."""
+        raise NotImplementedError
+
     def train_pass(self, config: TrainConfig, data: TrainData, seed: tf.Tensor) -> tf.data.Dataset:
         """One pass over the training examples in batches of `config.batch_size`, shuffled with `seed`."""
-        raise NotImplementedError
+        return self.batches(data, data.train, config.batch_size, shuffle=True, augment=config.augment, seed=seed)
 
     def eval_dataset(self, config: TrainConfig, data: TrainData, examples: Sequence, batch_size: int) -> tf.data.Dataset:
         """Held-out batches (`examples` are `data.held_out`, trimmed to even batches where needed)."""
-        raise NotImplementedError
+        return self.batches(data, examples, batch_size)
 
     def checkpoint_callback(self, path: Path) -> keras.callbacks.Callback:
         """The callback that writes `checkpoint.keras` every epoch."""
@@ -196,14 +203,11 @@ class ClassifierTask(Task):
         )
         return model
 
-    def train_pass(self, config: TrainConfig, data: TrainData, seed: tf.Tensor) -> tf.data.Dataset:
+    def batches(self, data, examples, batch_size, shuffle=False, augment=False, seed=0) -> tf.data.Dataset:
         return make_dataset(
-            data.train, data.tokenizer, data.answers, data.image_size, config.batch_size,
-            shuffle=True, augment=config.augment, seed=seed,
+            examples, data.tokenizer, data.answers, data.image_size, batch_size, shuffle=shuffle, augment=augment,
+            seed=seed,
         )
-
-    def eval_dataset(self, config: TrainConfig, data: TrainData, examples: Sequence, batch_size: int) -> tf.data.Dataset:
-        return make_dataset(examples, data.tokenizer, data.answers, data.image_size, batch_size)
 
     def summary_lines(self, summary: dict[str, Any]) -> list[str]:
         metrics = summary["metrics"]

@@ -11,6 +11,7 @@ from dataclasses import replace
 import keras
 import numpy as np
 import pytest
+from harness import serve_without_kvlm
 
 from kvlm.data import make_dataset, shapes
 from kvlm.layers.moe.keys import key_logits, l2_normalize
@@ -159,21 +160,6 @@ def test_the_plugin_installs_with_pip_and_its_expert_routes(retail, tmp_path):
     assert found["experts"] == ["shop"] and "shop" in found["trained"]
 
 
-STANDALONE = r"""
-import json, sys, importlib.util, pathlib
-for name in ("kvlm", "keras", "keras_hub", "jax", "torch"):
-    sys.modules[name] = None
-import tensorflow as tf
-text_package = pathlib.Path(importlib.util.find_spec("tensorflow_text").submodule_search_locations[0])
-for library in sorted((text_package / "python").glob("*/_*.so")):
-    tf.load_op_library(str(library))
-requests = json.load(open(sys.argv[2]))
-serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
-out = serve(image_bytes=tf.constant([bytes.fromhex(h) for h in requests["images"]]), text=tf.constant(requests["texts"]))
-print(json.dumps([a.decode() for a in out["answer"].numpy()]))
-"""
-
-
 @pytest.mark.skipif(
     keras.backend.backend() != "tensorflow",
     reason="exported from TensorFlow: torch cannot export, and JAX's SavedModel export of SparseMoE models "
@@ -193,14 +179,8 @@ def test_the_installed_model_exports_and_answers_without_kvlm(base, retail, tmp_
     examples = held_out[:40] + shapes.generate(24, seed=9)
     logits = installed.model.predict(make_dataset(examples, installed.tokenizer, installed.answers, 32, 64), verbose=0)
     expected = [installed.answers[i] for i in logits.argmax(-1)]
-    requests = {"images": [tf.io.encode_png(np.asarray(e.image, np.uint8)).numpy().hex() for e in examples],
-                "texts": [e.question for e in examples]}
-    (tmp_path / "requests.json").write_text(json.dumps(requests))
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    result = subprocess.run([sys.executable, "-c", STANDALONE, str(version), str(tmp_path / "requests.json")],
-                            capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    served = json.loads(result.stdout.strip().splitlines()[-1])
+    images = [tf.io.encode_png(np.asarray(e.image, np.uint8)).numpy() for e in examples]
+    served = serve_without_kvlm(version, images, [e.question for e in examples], tmp_path)["answers"]
     assert served == expected
     right = sum(s == e.answer for s, e in zip(served, examples))
     assert right >= 0.7 * len(examples) and set(served[:40]) & set(installed.answers[len(base.answers):])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from harness import run_task_test
+from harness import run_task_test, serve_without_kvlm
 
 from kvlm.data import build_vocabulary, catalogue, make_context_dataset, make_tokenizer, png_bytes
 from kvlm.models import (
@@ -234,32 +234,9 @@ def test_reader_learns_answers_from_unseen_catalogues(vocabulary, tokenizer):
     assert wrong_accuracy < chance + 0.15, (wrong_accuracy, chance)
 
 
-# Loads a SavedModel where kvlm, Keras, keras-hub, JAX and PyTorch cannot be imported, as a
-# TF Serving process would, and answers the requests in argv[2] (JSON).
-SERVE_IN_FRESH_PROCESS = r"""
-import importlib.util, json, pathlib, sys
-for name in ("kvlm", "keras", "keras_hub", "jax", "torch"):
-    sys.modules[name] = None
-import tensorflow as tf
-text = pathlib.Path(importlib.util.find_spec("tensorflow_text").submodule_search_locations[0])
-for library in sorted((text / "python").glob("*/_*.so")):
-    tf.load_op_library(str(library))
-requests = json.load(open(sys.argv[2]))
-serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
-outputs = serve(image_bytes=tf.constant([bytes.fromhex(h) for h in requests["images"]]), text=tf.constant(requests["texts"]))
-names = sorted({v.name.split(":")[0].split("/")[-1] for v in tf.saved_model.load(sys.argv[1]).variables})
-print(json.dumps({"scores": outputs["scores"].numpy().tolist(), "answers": [a.decode() for a in outputs["answer"].numpy()],
-                  "variables": names}))
-"""
-
-
 @pytest.mark.skipif(keras.backend.backend() == "torch", reason="SavedModel export needs TensorFlow or JAX")
 def test_exported_model_answers_from_its_own_index(tmp_path, vocabulary, tokenizer):
     """The SavedModel carries the index: a TensorFlow-only process answers as the Keras model."""
-    import json
-    import subprocess
-    import sys
-
     from kvlm.export.savedmodel import write_saved_model
 
     reader, retriever = _models(vocabulary)
@@ -271,15 +248,7 @@ def test_exported_model_answers_from_its_own_index(tmp_path, vocabulary, tokeniz
     # Another index in the Keras model afterwards does not reach the SavedModel.
     model.set_index(build_index(retriever, tokenizer, catalogue.catalogue(3), keys=catalogue.keys()), tokenizer)
 
-    requests = tmp_path / "requests.json"
-    requests.write_text(json.dumps({"images": [png_bytes(e).hex() for e in examples], "texts": [e.question for e in examples]}))
-    script = tmp_path / "serve.py"
-    script.write_text(SERVE_IN_FRESH_PROCESS)
-    process = subprocess.run(
-        [sys.executable, str(script), str(path), str(requests)], capture_output=True, text=True, timeout=300
-    )
-    assert process.returncode == 0, process.stderr[-3000:]
-    served = json.loads(process.stdout.strip().splitlines()[-1])
+    served = serve_without_kvlm(path, [png_bytes(e) for e in examples], [e.question for e in examples], tmp_path)
     np.testing.assert_allclose(served["scores"], expected, atol=1e-4)
     assert served["answers"] == [ANSWERS[i] for i in expected.argmax(-1)]
     assert {"index_embeddings", "index_token_ids"} <= set(served["variables"])

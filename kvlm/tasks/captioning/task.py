@@ -69,14 +69,10 @@ class CaptioningTask(Task):
         model.compile(optimizer=make_optimizer(config, steps))
         return model
 
-    def train_pass(self, config: TrainConfig, data: TrainData, seed: tf.Tensor) -> tf.data.Dataset:
+    def batches(self, data, examples, batch_size, shuffle=False, augment=False, seed=0) -> tf.data.Dataset:
         return make_caption_dataset(
-            data.train, data.tokenizer, data.image_size, config.batch_size,
-            shuffle=True, augment=config.augment, seed=seed,
+            examples, data.tokenizer, data.image_size, batch_size, shuffle=shuffle, augment=augment, seed=seed
         )
-
-    def eval_dataset(self, config: TrainConfig, data: TrainData, examples: Sequence, batch_size: int) -> tf.data.Dataset:
-        return make_caption_dataset(examples, data.tokenizer, data.image_size, batch_size)
 
     def summary_lines(self, summary: dict[str, Any]) -> list[str]:
         return [trained_line(

@@ -75,14 +75,10 @@ class RetrievalTask(Task):
         model.compile(optimizer=make_optimizer(config, steps))
         return model
 
-    def train_pass(self, config: TrainConfig, data: TrainData, seed: tf.Tensor) -> tf.data.Dataset:
+    def batches(self, data, examples, batch_size, shuffle=False, augment=False, seed=0) -> tf.data.Dataset:
         return make_pair_dataset(
-            data.train, data.tokenizer, data.image_size, config.batch_size,
-            shuffle=True, augment=config.augment, seed=seed,
+            examples, data.tokenizer, data.image_size, batch_size, shuffle=shuffle, augment=augment, seed=seed
         )
-
-    def eval_dataset(self, config: TrainConfig, data: TrainData, examples: Sequence, batch_size: int) -> tf.data.Dataset:
-        return make_pair_dataset(examples, data.tokenizer, data.image_size, batch_size)
 
     def after_training(
         self, config: TrainConfig, data: TrainData, model: keras.Model, out: Path, distribution: Distribution
