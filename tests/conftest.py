@@ -11,14 +11,23 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Skips `tensorflow_only` tests on the other backends."""
+    """Skips `tensorflow_only` tests on the other backends, where `convergence` tests become slow.
+
+    A convergence test trains until a quality bar (loss, accuracy, BLEU, recall). The default
+    suite trains on TensorFlow; the slow target trains on JAX and PyTorch too, since their layers,
+    forward passes, `fit` steps and `.keras` round trips are already checked by the default suite.
+    Runs before `-m` selection, so the added `slow` marks decide what is selected.
+    """
     if keras.backend.backend() == "tensorflow":
         return
     skip = pytest.mark.skip(reason=f"needs the TensorFlow backend, running on {keras.backend.backend()}")
     for item in items:
         if "tensorflow_only" in item.keywords:
             item.add_marker(skip)
+        if "convergence" in item.keywords:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)

@@ -191,10 +191,7 @@ TRAIN_SIZE, HELD_OUT_SIZE, EPOCHS, BATCH_SIZE = 1536, 256, 2, 32
 BLEU_FLOOR = 0.35
 
 
-@pytest.mark.skipif(
-    keras.backend.backend() == "torch",
-    reason="about 3 s per train step on the PyTorch CPU backend (minutes); trained on TensorFlow and JAX",
-)
+@pytest.mark.convergence
 def test_training_lowers_loss_and_reaches_bleu():
     train = shapes.generate(TRAIN_SIZE, seed=11)
     held_out = shapes.generate(HELD_OUT_SIZE, seed=12)

@@ -81,6 +81,7 @@ def test_call_is_the_student_and_validation(tiny_inputs):
         Distiller(student, student)
 
 
+@pytest.mark.convergence
 def test_fit_trains_only_the_student_and_lowers_the_loss(shapes_examples, vocabulary, tokenizer):
     examples = shapes_examples[:32]
     answers = answer_vocabulary(shapes_examples)

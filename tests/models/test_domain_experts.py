@@ -49,7 +49,8 @@ def _routed(model, examples, tokenizer, answers, image_size) -> np.ndarray:
     blocks = [layer for layer in model.layers if isinstance(layer, FusionBlock)]
     head = model.get_layer("answer_head")
     picks = []
-    for inputs, _ in make_dataset(examples, tokenizer, answers, image_size, 256):
+    # One batch: every call has the same shapes, so eager backends (JAX) compile each op once.
+    for inputs, _ in make_dataset(examples, tokenizer, answers, image_size, len(examples)):
         features, pooled, mask = routing_features(model, inputs)
         rows = []
         for block, x in zip(blocks, features):

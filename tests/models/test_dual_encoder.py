@@ -219,9 +219,7 @@ TRAIN_SIZE, HELD_OUT_SIZE, EPOCHS = 2048, 256, 3
 RECALL_MARGIN = 0.40
 
 
-@pytest.mark.skipif(
-    keras.backend.backend() == "torch", reason="about 100 s on the PyTorch CPU backend; trained on TensorFlow and JAX"
-)
+@pytest.mark.convergence
 def test_training_lowers_loss_and_lifts_recall():
     train = shapes.generate(TRAIN_SIZE, seed=11)
     held_out = shapes.generate(HELD_OUT_SIZE, seed=12)

@@ -203,9 +203,7 @@ def test_errors_name_the_problem(vocabulary, tokenizer):
         RetrievalReader.from_preset("kvlm_tiny", num_classes=4, vocabulary_size=10, top_k=0)
 
 
-@pytest.mark.skipif(
-    keras.backend.backend() == "torch", reason="slow on the PyTorch CPU backend; trained on TensorFlow and JAX"
-)
+@pytest.mark.convergence
 def test_reader_learns_answers_from_unseen_catalogues(vocabulary, tokenizer):
     """Trained on 60 stores, tested on 10 others: only reading the entries can beat chance."""
     train = catalogue.generate(2048, seed=0, catalogue_seeds=range(60))
