@@ -68,9 +68,9 @@ def run_task_test(
     """Checks a task model on one batch `(x, y)` and returns it reloaded from `.keras`.
 
     Args:
-        model: The task model; compiled here with `compile_kwargs` (default Adam, 3e-3). On
-            TensorFlow without XLA (compiling costs more than the few steps); JAX always compiles
-            the train step, since its eager mode compiles every op on its own.
+        model: The task model; compiled here with `compile_kwargs` (default Adam, 3e-3). Only
+            JAX compiles the train step, since its eager mode compiles every op on its own; on
+            TensorFlow (XLA) and PyTorch (torch.compile) compiling costs more than the few steps.
         x, y: One batch of inputs and targets (`y=None` for models that find their own).
         expected_output_shape: The shape of `model.predict(x)`, or a dict of shapes.
         tmp_path: Folder for the `.keras` file.
@@ -82,7 +82,7 @@ def run_task_test(
     assert keras.tree.map_structure(lambda a: tuple(a.shape), outputs) == expected_output_shape
     assert all(np.isfinite(a).all() for a in keras.tree.flatten(outputs))
 
-    jit_compile = keras.backend.backend() != "tensorflow"
+    jit_compile = keras.backend.backend() == "jax"
     model.compile(**{"optimizer": keras.optimizers.Adam(3e-3), "jit_compile": jit_compile, **(compile_kwargs or {})})
     batch_size = len(keras.tree.flatten(x)[0])
     losses = model.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=False, verbose=0).history["loss"]
