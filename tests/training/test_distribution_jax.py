@@ -71,24 +71,24 @@ def test_expert_parallel_shards_expert_weights_and_matches_unsharded(model):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     runs = [json.loads(line[len("RESULT "):]) for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     assert len(runs) == 1, result.stdout[-3000:]
-    for run_result, (batch, model) in zip(runs, [(4 // model, model)]):
-        assert run_result["mesh"] == {"batch": batch, "model": model}
-        assert run_result["batch_shards"] == batch
-        variables = run_result["variables"]
-        per_device = 4 // model
-        for name, tail in (("inner_kernel", [32, 48]), ("outer_kernel", [48, 32]), ("inner_bias", [48])):
-            info = variables[f"fusion_block_1/moe_1/experts/{name}"]
-            assert info["shape"] == [4, *tail]
-            assert info["spec"] == ["model"] + [None] * len(tail)
-            shards = info["shards"]
-            assert sorted(device for device, _, _ in shards) == ["cpu:0", "cpu:1", "cpu:2", "cpu:3"]
-            assert all(shape == [per_device, *tail] for _, shape, _ in shards)
-            # Each device holds a contiguous block of experts; the blocks cover all 4.
-            assert sorted({start for _, _, start in shards}) == list(range(0, 4, per_device))
-        router = variables["fusion_block_1/moe_1/router_kernel"]
-        assert router["spec"] == [None, None] and all(shape == [32, 4] for _, shape, _ in router["shards"])
-        assert run_result["weights_equal"]
-        assert run_result["max_output_difference"] <= 1e-5 * run_result["output_scale"], run_result
+    run_result, batch = runs[0], 4 // model
+    assert run_result["mesh"] == {"batch": batch, "model": model}
+    assert run_result["batch_shards"] == batch
+    variables = run_result["variables"]
+    per_device = 4 // model
+    for name, tail in (("inner_kernel", [32, 48]), ("outer_kernel", [48, 32]), ("inner_bias", [48])):
+        info = variables[f"fusion_block_1/moe_1/experts/{name}"]
+        assert info["shape"] == [4, *tail]
+        assert info["spec"] == ["model"] + [None] * len(tail)
+        shards = info["shards"]
+        assert sorted(device for device, _, _ in shards) == ["cpu:0", "cpu:1", "cpu:2", "cpu:3"]
+        assert all(shape == [per_device, *tail] for _, shape, _ in shards)
+        # Each device holds a contiguous block of experts; the blocks cover all 4.
+        assert sorted({start for _, _, start in shards}) == list(range(0, 4, per_device))
+    router = variables["fusion_block_1/moe_1/router_kernel"]
+    assert router["spec"] == [None, None] and all(shape == [32, 4] for _, shape, _ in router["shards"])
+    assert run_result["weights_equal"]
+    assert run_result["max_output_difference"] <= 1e-5 * run_result["output_scale"], run_result
 
 
 @pytest.mark.slow
