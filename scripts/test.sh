@@ -2,7 +2,9 @@
 # Runs the test suite on the TensorFlow, JAX and PyTorch backends.
 #   scripts/test.sh           default suite (what CI runs)
 #   scripts/test.sh --slow    only the tests marked slow
-# Extra arguments go to pytest. Set KVLM_BACKENDS="tensorflow jax" to pick backends.
+# Extra arguments go to pytest. Set KVLM_BACKENDS="tensorflow jax" to pick backends, and
+# KVLM_TEST_WORKERS to the number of pytest processes (default: one per core, at most 4; each test
+# file runs in one process, so its module fixtures are built once).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$ROOT"
@@ -17,7 +19,8 @@ status=0
 for backend in ${KVLM_BACKENDS:-tensorflow jax torch}; do
   echo "=== KERAS_BACKEND=$backend ==="
   set +e
-  KERAS_BACKEND=$backend python -m pytest "${paths[@]}" "${marker[@]}" -q -rs "$@"
+  KERAS_BACKEND=$backend python -m pytest "${paths[@]}" "${marker[@]}" -q -rs \
+    -n "${KVLM_TEST_WORKERS:-auto}" --maxprocesses 4 --dist loadfile "$@"
   rc=$?
   set -e
   # 5 = no tests collected for this selection on this backend: not a failure.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -68,25 +67,18 @@ def _pip(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def faulty_plugins(tmp_path_factory):
-    """Installs the faulty fixture plugins (editable, from a copy) for one test module.
-
-    A lock file beside the venv serialises this across concurrent pytest runs (one per
-    backend), so one run cannot uninstall the plugins while another uses them.
-    """
-    source = tmp_path_factory.mktemp("faulty_plugins")
-    editables = []
-    for name in FAULTY:
-        shutil.copytree(FIXTURES / name, source / name)
-        editables += ["-e", str(source / name)]
-    with open(Path(sys.prefix) / ".kvlm-faulty-plugins.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            result = _pip("install", "--no-deps", "--no-build-isolation", *editables)
-            assert result.returncode == 0, result.stderr
-            yield FAULTY
-        finally:
-            _pip("uninstall", "-y", *FAULTY)
-            refresh()
+    """Installs the faulty fixture plugins into a folder of their own, seen by the kvlm processes
+    this module starts (through PYTHONPATH), so other test processes never see them."""
+    root = tmp_path_factory.mktemp("faulty_plugins")
+    site = root / "site"
+    for name in FAULTY:  # built from copies: a build writes beside its sources
+        shutil.copytree(FIXTURES / name, root / name)
+    result = _pip("install", "--no-deps", "--no-build-isolation", "--target", str(site),
+                  *(str(root / name) for name in FAULTY))
+    assert result.returncode == 0, result.stderr
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+        yield FAULTY
 
 
 @pytest.fixture

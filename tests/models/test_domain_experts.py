@@ -33,7 +33,9 @@ def base():
 
 @pytest.fixture(scope="module")
 def retail(tmp_path_factory):
-    """A retail expert ("shop") trained through the product loop (`kvlm train --task domain_expert`)."""
+    """A retail expert ("shop") trained through the product loop (`kvlm train --task domain_expert`).
+
+    Its tests are `convergence` tests: the expert trains to an accuracy bar (see tests/conftest.py)."""
     out = tmp_path_factory.mktemp("retail")
     config = TrainConfig(task="domain_expert", output=str(out), datasets=[DATASET], train_size=1536, eval_size=300,
                          epochs=3, task_options={"expert_name": "shop"})
@@ -77,6 +79,7 @@ def test_the_shipped_base_loads_offline_with_its_fingerprint_and_keys(base):
     assert base.fingerprint == shipped
 
 
+@pytest.mark.convergence
 def test_the_task_writes_an_expert_with_what_a_new_domain_needs(base, retail):
     out, summary, held_out = retail
     expert = TrainedExpert.load(out / EXPERT_DIR)
@@ -96,6 +99,7 @@ def test_the_task_writes_an_expert_with_what_a_new_domain_needs(base, retail):
     assert (out / PLUGIN_DIR / "pyproject.toml").is_file()
 
 
+@pytest.mark.convergence
 def test_installing_routes_each_domain_to_its_expert_with_no_training(base, retail):
     out, _, held_out = retail
     expert = TrainedExpert.load(out / EXPERT_DIR)
@@ -120,6 +124,7 @@ def test_installing_routes_each_domain_to_its_expert_with_no_training(base, reta
     assert (new[to_base, len(base.answers):] < -1e8).all()
 
 
+@pytest.mark.convergence
 def test_installed_model_round_trips_as_keras(base, retail, tmp_path):
     out, _, held_out = retail
     installed = install_experts(base, [TrainedExpert.load(out / EXPERT_DIR)])
@@ -130,6 +135,7 @@ def test_installed_model_round_trips_as_keras(base, retail, tmp_path):
     np.testing.assert_allclose(restored.predict(data, verbose=0), installed.model.predict(data, verbose=0), atol=1e-5)
 
 
+@pytest.mark.convergence
 def test_an_expert_for_another_base_is_refused_naming_both(base, retail):
     expert = TrainedExpert.load(retail[0] / EXPERT_DIR)
     with pytest.raises(ValueError, match=f"trained for the base 0123456789abcdef, but this base is {base.fingerprint}"):
@@ -138,6 +144,7 @@ def test_an_expert_for_another_base_is_refused_naming_both(base, retail):
         install_experts(base, [expert, expert])
 
 
+@pytest.mark.convergence
 def test_the_plugin_installs_with_pip_and_its_expert_routes(retail, tmp_path):
     """The written plugin distribution, pip-installed, is discovered and installs by name."""
     site = tmp_path / "site"
