@@ -13,7 +13,11 @@ import pytest  # noqa: E402
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Skips `tensorflow_only` tests on the other backends, where `convergence` tests become slow.
+    """Skips `tensorflow_only` and `backend_independent` tests on the other backends, where
+    `convergence` tests become slow.
+
+    A `backend_independent` test checks code that never calls the Keras backend (tf.data
+    pipelines, plugin discovery, the CLI's process set-up): one pass, on TensorFlow, checks it.
 
     A convergence test trains until a quality bar (loss, accuracy, BLEU, recall). The default
     suite trains on TensorFlow; the slow target trains on JAX and PyTorch too, since their layers,
@@ -23,9 +27,12 @@ def pytest_collection_modifyitems(config, items):
     if keras.backend.backend() == "tensorflow":
         return
     skip = pytest.mark.skip(reason=f"needs the TensorFlow backend, running on {keras.backend.backend()}")
+    once = pytest.mark.skip(reason="backend-independent: checked once, on the TensorFlow pass")
     for item in items:
         if "tensorflow_only" in item.keywords:
             item.add_marker(skip)
+        if "backend_independent" in item.keywords:
+            item.add_marker(once)
         if "convergence" in item.keywords:
             item.add_marker(pytest.mark.slow)
 

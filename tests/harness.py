@@ -34,6 +34,17 @@ def _assert_same(actual, expected, atol: float) -> None:
         np.testing.assert_allclose(a, e, rtol=0.0, atol=atol)
 
 
+def caption_split(train_size: int, held_out_size: int, sequence_length: int):
+    """`(train, held_out, vocabulary, tokenizer)`: procedural examples (seeds 11 and 12) and a
+    caption vocabulary with its tokenizer, for the tests that train on captions."""
+    from kvlm.data import build_vocabulary, make_tokenizer, shapes
+
+    train = shapes.generate(train_size, seed=11)
+    held_out = shapes.generate(held_out_size, seed=12)
+    vocabulary = build_vocabulary([e.caption for e in train], 200)
+    return train, held_out, vocabulary, make_tokenizer(vocabulary, sequence_length)
+
+
 def run_model_saving_test(model: keras.Model, inputs, path: str | Path, atol: float = 0.0) -> keras.Model:
     """Saves `model` to the `.keras` file `path`, loads it and returns the loaded model.
 

@@ -8,6 +8,8 @@ import pytest
 
 from kvlm.cli.device_probe import NVIDIA_DRIVER, filtered_stderr
 
+pytestmark = pytest.mark.backend_independent
+
 PROBE = """
 import os, sys
 from kvlm.cli.device_probe import probe_devices

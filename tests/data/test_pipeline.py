@@ -15,6 +15,8 @@ from kvlm.data import (
     save_vocabulary,
 )
 
+pytestmark = pytest.mark.backend_independent
+
 
 def test_batches_have_model_inputs(shapes_examples, tokenizer):
     answers = answer_vocabulary(shapes_examples)

@@ -2,8 +2,12 @@ import re
 from collections import Counter
 
 import numpy as np
+import pytest
 
 from kvlm.data import shapes
+
+pytestmark = pytest.mark.backend_independent
+
 
 # One pattern per question type, capturing the attributes that name the object asked about.
 QUESTION_PATTERNS = {

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from importlib import metadata
 
+import pytest
+
+pytestmark = pytest.mark.backend_independent
+
 
 def test_list_prints_a_table(kvlm_cli):
     lines = kvlm_cli("experts", "list").stdout.splitlines()

@@ -9,6 +9,8 @@ import pytest
 import kvlm
 from kvlm import experts
 
+pytestmark = pytest.mark.backend_independent
+
 FIRST_PARTY = {"medical": "kvlm-medical", "legal": "kvlm-legal", "retail": "kvlm-retail"}
 DATASETS = {"medical_scans": "kvlm-medical", "legal_documents": "kvlm-legal", "retail_shelves": "kvlm-retail"}
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-pytestmark = pytest.mark.usefixtures("faulty_plugins")
+pytestmark = [pytest.mark.usefixtures("faulty_plugins"), pytest.mark.backend_independent]
 
 
 def _reasons(data: dict) -> dict[str, str]:

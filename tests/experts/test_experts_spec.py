@@ -10,6 +10,8 @@ import pytest
 import kvlm
 from kvlm.experts import DatasetSpec, ExpertSpec
 
+pytestmark = pytest.mark.backend_independent
+
 
 def _build(d_model, **options):
     return None

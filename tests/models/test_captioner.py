@@ -7,8 +7,8 @@ import keras
 import numpy as np
 import pytest
 
-from kvlm.data import build_vocabulary, make_caption_dataset, make_tokenizer, pack_captions, png_bytes, shapes
-from harness import run_task_test
+from kvlm.data import build_vocabulary, make_caption_dataset, make_tokenizer, pack_captions, png_bytes
+from harness import caption_split, run_task_test
 
 from kvlm.layers import CNNEncoder
 from kvlm.models import CaptionDecoder, Captioner
@@ -193,10 +193,7 @@ BLEU_FLOOR = 0.35
 
 @pytest.mark.convergence
 def test_training_lowers_loss_and_reaches_bleu():
-    train = shapes.generate(TRAIN_SIZE, seed=11)
-    held_out = shapes.generate(HELD_OUT_SIZE, seed=12)
-    vocabulary = build_vocabulary([e.caption for e in train], 200)
-    tokenizer = make_tokenizer(vocabulary, SEQUENCE_LENGTH)
+    train, held_out, _, tokenizer = caption_split(TRAIN_SIZE, HELD_OUT_SIZE, SEQUENCE_LENGTH)
     model = _tiny(tokenizer, encoder="cnn")
     # On TensorFlow, compiling the train step with XLA costs more than it saves in so short a run.
     jit_compile = "auto" if keras.backend.backend() != "tensorflow" else False

@@ -39,7 +39,8 @@ def test_task_shapes_fit_and_keras_file(tmp_path, tiny_inputs):
     assert isinstance(loaded.backbone.get_layer("image_encoder"), ViTEncoder)
 
 
-@pytest.mark.convergence
+# The default suite's VQA learning check is tests/training/test_learning.py, through the product loop.
+@pytest.mark.slow
 def test_fit_lowers_loss_and_callbacks_run(tiny_inputs, tmp_path):
     model = VLMClassifier.from_preset("kvlm_tiny", num_classes=3, vocabulary_size=60, encoder="cnn")
     model.compile(

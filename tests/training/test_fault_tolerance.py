@@ -80,6 +80,7 @@ def test_sigkill_mid_epoch_resumes_from_last_backup_with_identical_weights(tmp_p
     assert not backup.exists()  # removed once training finished
 
 
+@pytest.mark.backend_independent  # a tf.data stream
 def test_training_stream_restarts_at_any_step(tokenizer, shapes_examples):
     from kvlm.data import answer_vocabulary, make_dataset
     from kvlm.training.loop import training_stream
