@@ -17,6 +17,8 @@ from typing import Any
 import keras
 import numpy as np
 
+from kvlm.training.tracing import build_before_tracing
+
 
 def _normalised(config: dict[str, Any]) -> Any:
     """A config as it reads back from `config.json` (tuples become lists)."""
@@ -96,6 +98,7 @@ def run_task_test(
     jit_compile = keras.backend.backend() == "jax"
     model.compile(**{"optimizer": keras.optimizers.Adam(3e-3), "jit_compile": jit_compile, **(compile_kwargs or {})})
     batch_size = len(keras.tree.flatten(x)[0])
+    build_before_tracing(model, (x, y))
     losses = model.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=False, verbose=0).history["loss"]
     assert losses[-1] < max_loss_ratio * losses[0], losses
 

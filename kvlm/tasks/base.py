@@ -29,6 +29,7 @@ from kvlm.tasks.info import TaskInfo
 from kvlm.training.distribution import Distribution
 from kvlm.training.examples import load_examples
 from kvlm.training.reports import classification_report, format_report
+from kvlm.training.schedules import WarmupCosineDecay
 
 
 @dataclass
@@ -55,9 +56,7 @@ class TrainData:
 
 def make_optimizer(config: TrainConfig, steps: int) -> keras.optimizers.Optimizer:
     """AdamW with linear warm-up (the first 5% of `steps`) and cosine decay to 0 at `steps`."""
-    schedule = keras.optimizers.schedules.CosineDecay(
-        0.0, max(steps, 1), warmup_target=config.learning_rate, warmup_steps=max(steps // 20, 1)
-    )
+    schedule = WarmupCosineDecay(0.0, max(steps, 1), warmup_target=config.learning_rate, warmup_steps=max(steps // 20, 1))
     return keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
 
 

@@ -37,6 +37,7 @@ from kvlm.training.callbacks import (
     restored_step,
 )
 from kvlm.training.distribution import EXPERT_KERNELS, Distribution, make_distribution
+from kvlm.training.tracing import build_before_tracing
 
 
 def resolve_config(config: TrainConfig) -> TrainConfig:
@@ -241,6 +242,8 @@ def fit(
 
     # One endless stream of batches (a pass per epoch), positioned where the backup stopped.
     stream = training_stream(one_pass, config.seed, first_pass=done // steps_per_epoch)
+    with distribution.scope():
+        build_before_tracing(model, stream.element_spec)
     start = time.perf_counter()
     history = model.fit(
         stream.skip(done % steps_per_epoch), steps_per_epoch=steps_per_epoch, epochs=config.epochs,

@@ -20,6 +20,7 @@ from kvlm.models.captioning import (
     images_of,
     most_frequent_caption,
 )
+from kvlm.training.tracing import build_before_tracing
 
 SEQUENCE_LENGTH = 32  # the longest shapes caption is 23 words, 25 tokens with [CLS] and [SEP]
 
@@ -200,6 +201,7 @@ def test_training_lowers_loss_and_reaches_bleu():
     model.compile(optimizer=keras.optimizers.Adam(2e-3), jit_compile=jit_compile)
     train_data = make_caption_dataset(train, tokenizer, 32, batch_size=BATCH_SIZE, shuffle=True, seed=0)
     held_out_data = make_caption_dataset(held_out, tokenizer, 32, batch_size=256)
+    build_before_tracing(model, train_data.element_spec)
     before = model.evaluate(held_out_data, verbose=0)
     history = model.fit(train_data, epochs=EPOCHS, verbose=0, shuffle=False)
     after = model.evaluate(held_out_data, verbose=0)

@@ -16,6 +16,7 @@ from kvlm.models import (
     build_index,
     query_embeddings,
 )
+from kvlm.training.tracing import build_before_tracing
 
 ANSWERS = list(catalogue.ANSWERS)
 
@@ -222,6 +223,7 @@ def test_reader_learns_answers_from_unseen_catalogues(vocabulary, tokenizer):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"],
     )
     data = make_context_dataset(train, contexts(train), tokenizer, ANSWERS, 32, 64, shuffle=True, seed=0)
+    build_before_tracing(reader, data.element_spec)
     reader.fit(data, epochs=4, verbose=0, shuffle=False)
     right = make_context_dataset(held_out, contexts(held_out), tokenizer, ANSWERS, 32, 256)
     wrong = make_context_dataset(held_out, contexts(held_out, shift=500), tokenizer, ANSWERS, 32, 256)

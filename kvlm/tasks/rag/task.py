@@ -61,6 +61,7 @@ from kvlm.runs import (
 from kvlm.tasks.base import ClassifierTask, TrainData, trained_line
 from kvlm.tasks.rag import INFO
 from kvlm.training.distribution import Distribution
+from kvlm.training.tracing import build_before_tracing
 
 RAG_FILE = "rag.json"
 INDEX_DIR = "index"
@@ -162,6 +163,7 @@ def train_retriever(
     model = DualEncoder.from_preset(preset, vocabulary_size=vocabulary_size, encoder=encoder, loss="clip", **overrides)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate))
     data = make_pair_dataset(examples, tokenizer, model.image_size, batch_size, shuffle=True, seed=seed)
+    build_before_tracing(model, data.element_spec)
     model.fit(data, epochs=epochs, verbose=verbose, shuffle=False)
     return model
 
