@@ -55,7 +55,7 @@ class TrainData:
 
 
 def make_optimizer(config: TrainConfig, steps: int) -> keras.optimizers.Optimizer:
-    """AdamW with linear warm-up (the first 5% of `steps`) and cosine decay to 0 at `steps`."""
+    """AdamW with a linear warm-up over 5% of `steps`, then cosine decay to 0 over `steps`."""
     schedule = WarmupCosineDecay(0.0, max(steps, 1), warmup_target=config.learning_rate, warmup_steps=max(steps // 20, 1))
     return keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
 

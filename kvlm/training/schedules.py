@@ -17,7 +17,8 @@ class WarmupCosineDecay(keras.optimizers.schedules.CosineDecay):
     are computed and one is selected with `where`, instead of an `ops.cond`. Keras's AdamW
     calls the schedule once per variable for weight decay, and on TensorFlow each call traces a
     conditional's two branch functions: for the tiny VLM's 93 variables that was 4.7 s of
-    tracing per train step, and a larger graph to optimize and run.
+    tracing per train step, and 93 conditionals run at every step (the main job's 4,500
+    training steps took 616 s with `CosineDecay`, 400 s with this schedule, on 2 CPU cores).
 
     Args:
         initial_learning_rate: The learning rate at step 0.
