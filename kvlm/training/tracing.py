@@ -22,6 +22,4 @@ def build_before_tracing(model: keras.Model, batch: Any) -> None:
         batch: One batch `(x, y[, sample_weight])` or its structure of `tf.TensorSpec`s /
             tensors (a dataset's `element_spec`), with any batch size.
     """
-    if model.optimizer is not None and not model.optimizer.built:
-        model.optimizer.build(model.trainable_variables)
-    model._symbolic_build(data_batch=batch)
+    model._symbolic_build(data_batch=batch)  # builds the optimizer too
