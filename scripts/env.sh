@@ -21,7 +21,8 @@ if [ "$needs_install" = 1 ]; then
   for p in "$ROOT"/plugins/*/; do
     [ -f "$p/pyproject.toml" ] && args+=(-e "$p")
   done
-  "$VENV/bin/python" -m pip install --quiet "${args[@]}"
+  # --no-compile: modules compile to bytecode on first import, not all of TensorFlow, JAX and torch now.
+  "$VENV/bin/python" -m pip install --quiet --no-compile "${args[@]}"
   touch "$STAMP"
 fi
 # shellcheck disable=SC1091

@@ -5,10 +5,20 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The suite compiles far more programs than it runs for long: JAX compiles every eager op and
+# initializer shape, and each `fit` traces and optimizes a new graph. So the tests trade run-time
+# optimization for compile time: XLA's CPU compiler at its cheapest settings (half the JAX pass's
+# compile time), and no Grappler pass over TensorFlow graphs (a fifth of a short `fit`). Processes
+# the tests start inherit the XLA flags; the product itself keeps both defaults.
+FAST_XLA_COMPILE = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+os.environ["XLA_FLAGS"] = " ".join([*os.environ.get("XLA_FLAGS", "").split(), *FAST_XLA_COMPILE])
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -23,7 +33,11 @@ def pytest_collection_modifyitems(config, items):
     suite trains on TensorFlow; the slow target trains on JAX and PyTorch too, since their layers,
     forward passes, `fit` steps and `.keras` round trips are already checked by the default suite.
     Runs before `-m` selection, so the added `slow` marks decide what is selected.
+
+    Tests of `long` files go first (a stable sort keeps each file's order), so that with
+    `--dist loadfile --no-loadscope-reorder` no worker waits alone on a long file at the end.
     """
+    items.sort(key=lambda item: "long" not in item.keywords)
     if keras.backend.backend() == "tensorflow":
         return
     skip = pytest.mark.skip(reason=f"needs the TensorFlow backend, running on {keras.backend.backend()}")

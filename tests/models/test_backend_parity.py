@@ -11,6 +11,8 @@ import pytest
 
 from kvlm.models import VLMClassifier
 
+pytestmark = pytest.mark.long
+
 ENCODERS = ("vit", "cnn")
 
 PREDICT = r"""

@@ -22,6 +22,8 @@ from kvlm.models.captioning import (
 )
 from kvlm.training.tracing import build_before_tracing
 
+pytestmark = pytest.mark.long
+
 SEQUENCE_LENGTH = 32  # the longest shapes caption is 23 words, 25 tokens with [CLS] and [SEP]
 
 

@@ -8,6 +8,8 @@ from kvlm.models import VLMClassifier
 from kvlm.models.distiller import Distiller
 from kvlm.training.tracing import build_before_tracing
 
+pytestmark = pytest.mark.long
+
 NUM_CLASSES = 5
 VOCABULARY_SIZE = 60
 # A small dense student beside the MoE `kvlm_tiny` teacher.

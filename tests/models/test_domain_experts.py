@@ -23,6 +23,8 @@ from kvlm.training.evaluation import answer_accuracy
 from kvlm.training.examples import load_examples
 from kvlm.training.loop import resolve_config
 
+pytestmark = pytest.mark.long
+
 DATASET = "retail_shelves"
 
 

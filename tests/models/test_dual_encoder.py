@@ -26,6 +26,8 @@ from kvlm.models.retrieval import (
     recall_at_k,
 )
 
+pytestmark = pytest.mark.long
+
 
 def _unit(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)

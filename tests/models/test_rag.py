@@ -18,6 +18,8 @@ from kvlm.models import (
 )
 from kvlm.training.tracing import build_before_tracing
 
+pytestmark = pytest.mark.long
+
 ANSWERS = list(catalogue.ANSWERS)
 
 

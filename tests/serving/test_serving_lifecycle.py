@@ -21,7 +21,7 @@ from kvlm.cli import main
 from kvlm.export.testing import copy_version
 from kvlm.serving import ModelConfig, PredictClient, Server, ServerOptions
 
-pytestmark = pytest.mark.tensorflow_only
+pytestmark = [pytest.mark.tensorflow_only, pytest.mark.long]
 
 REPO = Path(__file__).resolve().parents[2]
 

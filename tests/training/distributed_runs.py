@@ -24,8 +24,12 @@ def free_port() -> int:
 
 
 def worker_env(backend: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("TF_CONFIG", "XLA_FLAGS") and not k.startswith("KERAS_DISTRIBUTION_")}
-    env.update(KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT), **extra)
+    """This process's environment without its distribution settings, plus `extra`. XLA flags other
+    than the host device count are kept, and `extra`'s XLA_FLAGS are added to them."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG" and not k.startswith("KERAS_DISTRIBUTION_")}
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    flags += extra.pop("XLA_FLAGS", "").split()
+    env.update(KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT), XLA_FLAGS=" ".join(flags), **extra)
     return env
 
 

@@ -12,6 +12,8 @@ from kvlm.cli import main
 from kvlm.runs import TrainConfig, load_run
 from kvlm.training import fit
 
+pytestmark = pytest.mark.long
+
 # Procedural shapes, kvlm_tiny with the CNN encoder: the teacher has a 4-expert top-2 SparseMoE
 # (so its active parameters are fewer than its total); about 30 s per run on a 2-core CPU.
 TEACHER = ["--train-size", "256", "--eval-size", "64", "--epochs", "1", "--batch-size", "32",

@@ -20,7 +20,10 @@ from distributed_runs import ROOT, TINY, finish, free_port, max_weight_differenc
 
 from kvlm.training.distribution import expert_layout_map, make_distribution
 
-pytestmark = pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX distribution: runs in the JAX pass")
+pytestmark = [
+    pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX distribution: runs in the JAX pass"),
+    pytest.mark.long,
+]
 
 FOUR_DEVICES = "--xla_force_host_platform_device_count=4"
 PEAK_LR = 2e-3  # TrainConfig's peak AdamW learning rate: about the most one update moves a weight.

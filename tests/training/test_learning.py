@@ -12,6 +12,8 @@ from kvlm.data import shapes
 from kvlm.runs import TrainConfig, load_run
 from kvlm.training import fit
 
+pytestmark = pytest.mark.long
+
 QUESTION_ONLY_ACCURACY = 0.375
 
 

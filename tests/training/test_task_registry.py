@@ -16,6 +16,8 @@ import kvlm.tasks
 from kvlm.runs import TrainConfig, read_config
 from kvlm.tasks import get_task, task_info, task_names
 
+pytestmark = pytest.mark.long
+
 TASKS = ("vqa", "retrieval", "captioning", "distillation", "rag", "domain_expert")
 # Held-out accuracy of the docs' counting task above the most frequent count's share.
 COUNT_MARGIN = 0.15

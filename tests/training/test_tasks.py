@@ -13,6 +13,8 @@ from kvlm.runs import TrainConfig, load_run
 from kvlm.training import fit, load_examples
 from kvlm.training.callbacks import read_history_csv
 
+pytestmark = pytest.mark.long
+
 # Procedural shapes, kvlm_tiny with the CNN encoder: seconds per epoch on a 2-core CPU.
 RETRIEVAL = ["--train-size", "512", "--eval-size", "64", "--epochs", "4", "--batch-size", "32"]
 CAPTIONING = ["--train-size", "256", "--eval-size", "16", "--epochs", "2", "--batch-size", "32"]
