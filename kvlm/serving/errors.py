@@ -6,7 +6,8 @@ import re
 
 import grpc
 
-_NODE = re.compile(r"\[\[\{\{(?:function_)?node ([^}]+)\}\}")
+# "[[{{function_node f}}{{node f/op}}]]": the failing node, inside the functions that called it.
+_NODE = re.compile(r"\{\{(function_)?node ([^}]+)\}\}")
 _NOISE = ("Graph execution error", "Detected at node", "<stack traces unavailable>", "[[{{")
 
 
@@ -46,7 +47,8 @@ def from_tf_error(error) -> ServingError:
     "Input is empty. (op map/while/decode_image/DecodeImage)".
     """
     text = str(getattr(error, "message", error))
-    nodes = _NODE.findall(text)
+    found = _NODE.findall(text)
+    nodes = [name for function, name in found if not function] or [name for _, name in found]
     lines = [line.strip() for line in text.splitlines()]
     kept = [line for line in lines if line and not line.startswith(_NOISE) and not line.startswith("File ")]
     message = " ".join(kept) or text.strip()

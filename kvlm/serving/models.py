@@ -1,17 +1,23 @@
 """Loading SavedModel versions with plain TensorFlow, and keeping them up to date.
 
 Each configured model's base path is polled; the versions its policy selects are
-loaded (`tf.saved_model.load`, then the warm-up requests are replayed) and the
-others unloaded. A new version is loaded before the old one is unloaded, and a
-version that fails to load leaves the previous one serving.
+loaded and the others unloaded. A new version is loaded before the old one is
+unloaded, and a version that fails to load leaves the previous one serving.
+
+A version is loaded as TF Serving loads it: its `serve` meta graph is restored
+into a session, its warm-up requests are replayed, and each signature runs as a
+session callable feeding and fetching the tensors its `SignatureDef` names. That
+serves TF1 and TF2 SavedModels alike and skips the per-call work of restored
+Python functions (binding arguments, passing every captured variable).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +25,7 @@ import grpc
 import numpy as np
 import tensorflow as tf
 from google.protobuf import text_format
-from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+from tensorflow.core.protobuf import config_pb2, meta_graph_pb2, saved_model_pb2
 from tensorflow_serving.apis import get_model_status_pb2, prediction_log_pb2
 
 from kvlm.export.layout import scan_versions
@@ -40,11 +46,11 @@ MAX_LOAD_ATTEMPTS = 3
 
 @dataclass
 class Signature:
-    """A callable signature with its input and output specs and its method name
-    (`tensorflow/serving/predict`, `.../classify` or `.../regress`)."""
+    """A signature's input and output specs and its method name (`tensorflow/serving/predict`,
+    `.../classify` or `.../regress`); `run(inputs)` returns the outputs as numpy arrays."""
 
     name: str
-    function: tf.types.experimental.ConcreteFunction
+    run: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
     inputs: dict[str, InputSpec]
     outputs: dict[str, tf.TensorSpec]
     method_name: str = "tensorflow/serving/predict"
@@ -64,6 +70,33 @@ def read_serving_meta_graph(path: str | Path) -> meta_graph_pb2.MetaGraphDef:
     raise ValueError(f"{path} has no meta graph tagged 'serve'.")
 
 
+def _tensor_spec(info: meta_graph_pb2.TensorInfo) -> tf.TensorSpec:
+    return tf.TensorSpec(tf.TensorShape(info.tensor_shape), tf.as_dtype(info.dtype))
+
+
+def _session_config() -> tf.compat.v1.ConfigProto:
+    """The process's thread pool sizes (`configure_tensorflow`), soft placement, GPU memory on demand."""
+    config = tf.compat.v1.ConfigProto(
+        intra_op_parallelism_threads=tf.config.threading.get_intra_op_parallelism_threads(),
+        inter_op_parallelism_threads=tf.config.threading.get_inter_op_parallelism_threads(),
+        allow_soft_placement=True,
+    )
+    config.gpu_options.allow_growth = True
+    return config
+
+
+@contextlib.contextmanager
+def _quiet_tensorflow_logger():
+    """Hides the notice that `tf.compat.v1.saved_model.load` is deprecated: it is how TF Serving loads."""
+    tf_logger = tf.get_logger()
+    level = tf_logger.level
+    tf_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        tf_logger.setLevel(level)
+
+
 class LoadedVersion:
     """One loaded SavedModel version; `predict` runs a signature (batched if configured)."""
 
@@ -76,29 +109,60 @@ class LoadedVersion:
         self.path = path
         load_tf_text_ops()
         meta_graph = read_serving_meta_graph(path)
-        self._model = tf.saved_model.load(str(path), tags=list(meta_graph.meta_info_def.tags) or None)
         self.signature_defs = {k: v for k, v in meta_graph.signature_def.items() if not k.startswith("__")}
+        self._session = tf.compat.v1.Session(graph=tf.Graph(), config=_session_config())
+        try:
+            with self._session.graph.as_default(), _quiet_tensorflow_logger():
+                tf.compat.v1.saved_model.load(self._session, list(meta_graph.meta_info_def.tags), str(path))
+        except Exception:
+            self._session.close()
+            raise
         # A TF1 graph (no object graph) takes any shape its ops accept, as in a TF Serving session.
         check_shape = bool(meta_graph.object_graph_def.nodes)
         self.signatures: dict[str, Signature] = {}
-        for name, function in self._model.signatures.items():
-            _, kwargs = function.structured_input_signature
-            method = self.signature_defs[name].method_name if name in self.signature_defs else ""
+        for name, signature_def in self.signature_defs.items():
+            tensors = [*signature_def.inputs.values(), *signature_def.outputs.values()]
+            if not all(info.name for info in tensors):
+                logger.warning("Model %s version %d: signature '%s' has sparse or composite tensors, which are "
+                               "not served; skipping it.", model_name, version, name)
+                continue
             self.signatures[name] = Signature(
-                name, function, input_specs(kwargs, check_shape), dict(function.structured_outputs),
-                method or "tensorflow/serving/predict",
+                name, self._callable(signature_def),
+                input_specs({k: _tensor_spec(v) for k, v in signature_def.inputs.items()}, check_shape),
+                {k: _tensor_spec(v) for k, v in signature_def.outputs.items()},
+                signature_def.method_name or "tensorflow/serving/predict",
             )
         self._batchers: dict[str, Batcher] = {}
         if batching is not None:
             for name, signature in self.signatures.items():
                 if all(spec.batched for spec in signature.inputs.values()):
                     self._batchers[name] = Batcher(
-                        lambda arrays, s=signature: self._call(s, arrays), batching,
-                        name=f"{model_name}/{version}/{name}",
+                        signature.run, batching, name=f"{model_name}/{version}/{name}",
                         on_batch=None if metrics is None else (
                             lambda size: metrics.observe("processed_batch_size", size, model_name)
                         ),
                     )
+
+    def _callable(self, signature_def: meta_graph_pb2.SignatureDef):
+        """`run(inputs) -> outputs` feeding and fetching the signature's tensors in the session."""
+        input_names = sorted(signature_def.inputs)
+        output_names = sorted(signature_def.outputs)
+        options = config_pb2.CallableOptions(
+            feed=[signature_def.inputs[k].name for k in input_names],
+            fetch=[signature_def.outputs[k].name for k in output_names],
+        )
+        # The C++ `Session::MakeCallable` that TF Serving runs: like it, and unlike `Session.run`, it feeds
+        # a placeholder any shape its ops accept (TF1 graphs often declare a narrower one).
+        session_callable = self._session._make_callable_from_options(options)
+
+        def run(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            try:
+                values = session_callable(*(inputs[k] for k in input_names))
+            except tf.errors.OpError as error:
+                raise from_tf_error(error) from None
+            return dict(zip(output_names, values))
+
+        return run
 
     def signature(self, name: str) -> Signature:
         if name not in self.signatures:
@@ -108,13 +172,6 @@ class LoadedVersion:
             )
         return self.signatures[name]
 
-    def _call(self, signature: Signature, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        try:
-            outputs = signature.function(**{k: tf.convert_to_tensor(v) for k, v in arrays.items()})
-        except tf.errors.OpError as error:
-            raise from_tf_error(error) from None
-        return {k: v.numpy() for k, v in outputs.items()}
-
     def predict(
         self, signature: Signature, arrays: dict[str, np.ndarray], timeout: float | None = None
     ) -> tuple[dict[str, np.ndarray], int]:
@@ -122,7 +179,7 @@ class LoadedVersion:
         batcher = self._batchers.get(signature.name)
         size = batch_size(arrays, signature.inputs)
         if batcher is None or size is None:
-            return self._call(signature, arrays), size or 1
+            return signature.run(arrays), size or 1
         future = batcher.submit(arrays, size)
         try:
             return future.result(timeout=timeout)
@@ -143,7 +200,7 @@ class LoadedVersion:
             request = log.predict_log.request
             signature = self.signature(request.model_spec.signature_name or "serving_default")
             try:
-                self._call(signature, check_inputs(request.inputs, signature.inputs))
+                signature.run(check_inputs(request.inputs, signature.inputs))
             except ServingError as error:
                 raise ValueError(f"warm-up request {count + 1} in {path} failed: {error.message}") from None
             count += 1
@@ -155,6 +212,7 @@ class LoadedVersion:
     def close(self) -> None:
         for batcher in self._batchers.values():
             batcher.close()
+        self._session.close()
 
 
 @dataclass
