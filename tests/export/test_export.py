@@ -186,6 +186,32 @@ def test_fresh_process_matches_model_predict(tiny_export, tmp_path):
     assert "must have the same batch size" in errors["batch_mismatch"]
 
 
+def test_embedded_server_runs_the_export_as_the_restored_signature(tiny_export):
+    """`kvlm serve` runs signatures as session callables on the restored graph (as TF Serving does):
+    on this backend's export they give the restored `serving_default`'s outputs."""
+    from kvlm.export.testing import example_requests
+    from kvlm.serving.models import LoadedVersion
+
+    _, version_dir = tiny_export
+    image_size = json.loads((version_dir / "assets.extra" / "kvlm.json").read_text())["image_size"]
+    images, texts = example_requests(5, image_size=image_size)
+    expected = tf.saved_model.load(str(version_dir)).signatures[SIGNATURE_NAME](
+        image_bytes=tf.constant(images), text=tf.constant(texts)
+    )
+    loaded = LoadedVersion("kvlm", 1, version_dir)
+    try:
+        served = loaded.signature(SIGNATURE_NAME).run(
+            {"image_bytes": np.array(images, dtype=object), "text": np.array(texts, dtype=object)}
+        )
+    finally:
+        loaded.close()
+    assert set(served) == set(expected) == {"answer", "score", "scores", "labels"}
+    assert served["answer"].tolist() == expected["answer"].numpy().tolist()
+    assert served["labels"].tolist() == expected["labels"].numpy().tolist()
+    np.testing.assert_allclose(served["scores"], expected["scores"].numpy(), atol=1e-6)
+    assert served["scores"].shape == (5, len(served["labels"][0]))
+
+
 @pytest.mark.skipif(keras.backend.backend() in ("tensorflow", "jax"), reason="export works on this backend")
 def test_other_backends_are_refused_with_a_fix(tmp_path):
     with pytest.raises(ValueError, match="KERAS_BACKEND=tensorflow"):
