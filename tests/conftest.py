@@ -13,12 +13,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 FAST_XLA_COMPILE = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
 os.environ["XLA_FLAGS"] = " ".join([*os.environ.get("XLA_FLAGS", "").split(), *FAST_XLA_COMPILE])
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
-tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+# Keras and TensorFlow are imported where tests run, not here: pytest-xdist's controller process
+# loads this file too, and importing them there would delay every worker's start by seconds.
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_grappler():
+    import tensorflow as tf
+
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -37,6 +43,8 @@ def pytest_collection_modifyitems(config, items):
     Tests of `long` files go first (a stable sort keeps each file's order), so that with
     `--dist loadfile --no-loadscope-reorder` no worker waits alone on a long file at the end.
     """
+    import keras
+
     items.sort(key=lambda item: "long" not in item.keywords)
     if keras.backend.backend() == "tensorflow":
         return
@@ -53,6 +61,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _seed():
+    import keras
+
     keras.utils.set_random_seed(1234)
 
 
