@@ -114,24 +114,11 @@ class LoadedVersion:
         try:
             with self._session.graph.as_default(), _quiet_tensorflow_logger():
                 tf.compat.v1.saved_model.load(self._session, list(meta_graph.meta_info_def.tags), str(path))
+            # A TF1 graph (no object graph) takes any shape its ops accept, as in a TF Serving session.
+            self.signatures = self._read_signatures(check_shape=bool(meta_graph.object_graph_def.nodes))
         except Exception:
             self._session.close()
             raise
-        # A TF1 graph (no object graph) takes any shape its ops accept, as in a TF Serving session.
-        check_shape = bool(meta_graph.object_graph_def.nodes)
-        self.signatures: dict[str, Signature] = {}
-        for name, signature_def in self.signature_defs.items():
-            tensors = [*signature_def.inputs.values(), *signature_def.outputs.values()]
-            if not all(info.name for info in tensors):
-                logger.warning("Model %s version %d: signature '%s' has sparse or composite tensors, which are "
-                               "not served; skipping it.", model_name, version, name)
-                continue
-            self.signatures[name] = Signature(
-                name, self._callable(signature_def),
-                input_specs({k: _tensor_spec(v) for k, v in signature_def.inputs.items()}, check_shape),
-                {k: _tensor_spec(v) for k, v in signature_def.outputs.items()},
-                signature_def.method_name or "tensorflow/serving/predict",
-            )
         self._batchers: dict[str, Batcher] = {}
         if batching is not None:
             for name, signature in self.signatures.items():
@@ -142,6 +129,22 @@ class LoadedVersion:
                             lambda size: metrics.observe("processed_batch_size", size, model_name)
                         ),
                     )
+
+    def _read_signatures(self, check_shape: bool) -> dict[str, Signature]:
+        signatures = {}
+        for name, signature_def in self.signature_defs.items():
+            tensors = [*signature_def.inputs.values(), *signature_def.outputs.values()]
+            if not all(info.name for info in tensors):
+                logger.warning("Model %s version %d: signature '%s' has sparse or composite tensors, which are "
+                               "not served; skipping it.", self.model_name, self.version, name)
+                continue
+            signatures[name] = Signature(
+                name, self._callable(signature_def),
+                input_specs({k: _tensor_spec(v) for k, v in signature_def.inputs.items()}, check_shape),
+                {k: _tensor_spec(v) for k, v in signature_def.outputs.items()},
+                signature_def.method_name or "tensorflow/serving/predict",
+            )
+        return signatures
 
     def _callable(self, signature_def: meta_graph_pb2.SignatureDef):
         """`run(inputs) -> outputs` feeding and fetching the signature's tensors in the session."""
