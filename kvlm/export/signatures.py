@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
-from kvlm.data.preprocessing import decode_image, resize_image
+from kvlm.data.preprocessing import check_image_pixels, decode_image, resize_image
 
 SIGNATURE_NAME = "serving_default"
 FEATURES_SIGNATURE_NAME = "logits"
@@ -52,15 +52,18 @@ MAX_IMAGE_PIXELS = 4096 * 4096
 def preprocess_images(image_bytes: tf.Tensor, image_size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> tf.Tensor:
     """Decodes and resizes a `[batch]` string tensor to `(batch, S, S, 3)` float32 in [0, 1].
 
-    Each image is decoded on its own (`decode_image`, refusing images above `max_pixels`). When all decoded images have
-    the same size, which is the usual case, `resize_image` runs once on the stacked
-    batch (it resizes every image independently, so the values are the same as one
-    by one, and it is several times faster than resizing inside the loop); otherwise
-    each image is resized on its own.
+    The whole batch is first checked against `max_pixels` from the image headers
+    (`check_image_pixels`); then each image is decoded on its own (`decode_image`). When
+    all decoded images have the same size, which is the usual case, `resize_image` runs
+    once on the stacked batch (it resizes every image independently, so the values are
+    the same as one by one, and it is several times faster than resizing inside the loop);
+    otherwise each image is resized on its own.
     """
+    with tf.control_dependencies([check_image_pixels(image_bytes, max_pixels)]):
+        image_bytes = tf.identity(image_bytes)
 
     def decode_flat(data):
-        image = decode_image(data, max_pixels)
+        image = decode_image(data)
         # `* 1` turns the shape into a plain int32 tensor, as the loop's TensorList expects.
         return tf.reshape(image, [-1]), tf.shape(image) * 1
 

@@ -105,3 +105,22 @@ def test_missing_image_names_file_and_line(tmp_path, shapes_examples):
     _write_folder(tmp_path, shapes_examples[:1], [good, good, missing])
     with pytest.raises(FileNotFoundError, match=r"annotations.jsonl:3: image not found: .*nope.png"):
         load_folder(tmp_path)
+
+
+def test_resize_image_keeps_an_image_of_the_target_size_and_resizes_others():
+    from kvlm.data import resize_image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 48, 40, 3)).astype(np.uint8)
+    # Same size: the pixels scaled to [0, 1], exactly what antialiased resizing returns.
+    square = pixels[:, :40]
+    np.testing.assert_array_equal(resize_image(tf.constant(square), 40).numpy(), square / np.float32(255.0))
+    reference = tf.image.resize(tf.cast(square, tf.float32), (40, 40), antialias=True) / 255.0
+    np.testing.assert_array_equal(resize_image(tf.constant(square), 40).numpy(), reference.numpy())
+    # Another size: every image of a batch resized on its own.
+    resized = resize_image(tf.constant(pixels), 32).numpy()
+    assert resized.shape == (2, 32, 32, 3)
+    np.testing.assert_allclose(resized[1], resize_image(tf.constant(pixels[1]), 32).numpy(), atol=1e-6)
+    assert not np.allclose(resized[0], resized[1])
+    # The output shape is static even when the input's is not.
+    traced = tf.function(lambda x: resize_image(x, 32)).get_concrete_function(tf.TensorSpec([None, None, None, 3], tf.uint8))
+    assert traced.output_shapes.as_list() == [None, 32, 32, 3]

@@ -41,6 +41,21 @@ def test_header_sizes_in_python_and_in_the_graph(kind):
         decode_image(tf.constant(data), max_pixels=34)
 
 
+def test_header_sizes_of_a_batch_are_read_element_wise(hostile_png):
+    from kvlm.data.preprocessing import image_header_size
+    from kvlm.export.signatures import preprocess_images
+
+    batch = [image(kind, 5 + i, 7 + i) for i, kind in enumerate(KINDS)] + [b"junk", hostile_png]
+    expected = [[5, 7], [6, 8], [7, 9], [8, 10], [-1, -1], [20000, 20000]]
+    assert image_header_size(tf.constant(batch)).numpy().tolist() == expected
+    grid = image_header_size(tf.constant([batch[:3], batch[3:]])).numpy()
+    assert grid.shape == (2, 3, 2) and grid.reshape(-1, 2).tolist() == expected
+    # The serving graph checks the whole batch before it decodes any image.
+    assert preprocess_images(tf.constant(batch[:4]), 8).shape == (4, 8, 8, 3)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="larger than 16777216 pixels"):
+        preprocess_images(tf.constant(batch[:4] + batch[5:]), 8)
+
+
 def test_unknown_bytes_have_no_header_size_and_training_decodes_without_a_bound(hostile_png):
     from kvlm.data.preprocessing import decode_image, image_header_size
 
