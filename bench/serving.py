@@ -5,7 +5,10 @@ Measures, in one run on one machine:
     (one example per request) against `kvlm serve` with and without `--enable_batching`,
     over gRPC and, on the batched server, over the REST API (`{"b64": ...}` images);
   * p50 latency of single requests from one client (no batching) against a direct
-    in-process call of the same SavedModel signature on the same inputs.
+    in-process call of the same SavedModel signature on the same inputs;
+  * the fixed cost of a request (server and client CPU per request) on a signature that
+    costs almost nothing (`y = 0.5 * x + 2`), and the throughput ratio that cost leaves
+    batching on this machine.
 
 Targets: batched throughput >= 3.5x unbatched at 32 clients; server p50 at batch 1
 <= 1.15x the direct call. Every request must succeed.
@@ -39,7 +42,7 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_text  # noqa: E402,F401
-from tensorflow_serving.apis import prediction_service_pb2_grpc  # noqa: E402
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
 
 BATCHING = """max_batch_size {{ value: {max_batch_size} }}
 batch_timeout_micros {{ value: {timeout} }}
@@ -85,13 +88,14 @@ class ServerProcess:
 
 
 def measured_load(server: ServerProcess, requests: list, clients: int, per_client: int, rest: bool = False) -> dict:
-    """`load` (or `rest_load`) plus the server's CPU time per request."""
-    start = server.cpu_seconds()
+    """`load` (or `rest_load`) plus the server's and the clients' CPU time per request."""
+    start, client_start = server.cpu_seconds(), time.process_time()
     if rest:
         result = rest_load(server.rest_target, requests, clients, per_client)
     else:
         result = load(server.target, requests, clients, per_client)
     result["server_cpu_ms_per_request"] = (server.cpu_seconds() - start) * 1e3 / result["requests"]
+    result["client_cpu_ms_per_request"] = (time.process_time() - client_start) * 1e3 / result["requests"]
     return result
 
 
@@ -227,6 +231,49 @@ def batch1_latencies(version_dir: Path, target: str, request, image: bytes, text
     return direct, served
 
 
+class _Affine(tf.Module):
+    """A signature that costs almost nothing: what a request costs besides its model."""
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="x")])
+    def serve(self, x):
+        return {"y": 0.5 * x + 2.0}
+
+
+def fixed_cost(workdir: Path, clients: int, per_client: int, batching_flags: list[str]) -> dict:
+    """Server and client CPU per request for `_Affine`, unbatched and batched."""
+    module = _Affine()
+    tf.saved_model.save(module, str(workdir / "affine" / "1"), signatures={"serving_default": module.serve})
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "kvlm"
+    request.inputs["x"].CopyFrom(tf.make_tensor_proto([2.0], shape=[1]))
+    result = {}
+    for name, extra in (("unbatched", []), ("batched", batching_flags)):
+        server = ServerProcess(workdir / "affine", extra)
+        try:
+            load(server.target, [request], clients, 10)  # warm up
+            result[name] = measured_load(server, [request], clients, per_client)
+        finally:
+            server.stop()
+    return result
+
+
+def batching_ceiling(unbatched: dict, batched: dict, fixed: dict) -> dict:
+    """The throughput ratio batching can reach when the machine's cores are shared by server and
+    clients: each request costs the fixed server and client CPU, plus its signature's CPU
+    (the model's server CPU per request less the fixed server part)."""
+    fixed_ms = {k: fixed[k]["server_cpu_ms_per_request"] + fixed[k]["client_cpu_ms_per_request"] for k in fixed}
+    signature_ms = {
+        "unbatched": unbatched["server_cpu_ms_per_request"] - fixed["unbatched"]["server_cpu_ms_per_request"],
+        "batched": batched["server_cpu_ms_per_request"] - fixed["batched"]["server_cpu_ms_per_request"],
+    }
+    total = {k: signature_ms[k] + fixed_ms[k] for k in fixed_ms}
+    return {
+        "fixed_cpu_ms_per_request": fixed_ms,
+        "signature_cpu_ms_per_request": signature_ms,
+        "ratio": total["unbatched"] / total["batched"],
+    }
+
+
 def prepare(run: str | None, workdir: Path) -> Path:
     """Exports `run` (or a tiny random-weight run) to `workdir/saved_models/kvlm/1`."""
     from kvlm.export import export_model
@@ -239,8 +286,8 @@ def prepare(run: str | None, workdir: Path) -> Path:
 def to_markdown(result: dict) -> str:
     rows = [
         "| scenario | clients | requests | errors | throughput (req/s) | p50 (ms) | p99 (ms) | mean batch "
-        "| server CPU/request (ms) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| server CPU/request (ms) | client CPU/request (ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     scenarios = [("gRPC, unbatched", result["unbatched"])] + [
         (f"gRPC, batched, num_batch_threads={k}" + (" (target)" if r is result["batched"] else ""), r)
@@ -250,10 +297,12 @@ def to_markdown(result: dict) -> str:
         rows.append(
             f"| {name} | {r['clients']} | {r['requests']} | {r['errors']} | {r['throughput_rps']:.1f} | "
             f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['mean_batch_size_seen']:.1f} "
-            f"| {r['server_cpu_ms_per_request']:.2f} |"
+            f"| {r['server_cpu_ms_per_request']:.2f} | {r['client_cpu_ms_per_request']:.2f} |"
         )
     single = result["batch1_latency"]
     targets = result["targets"]
+    ceiling = result["batching_ceiling"]
+    fixed = result["fixed_cost"]
     return "\n".join([
         "# Serving benchmark",
         "",
@@ -272,6 +321,15 @@ def to_markdown(result: dict) -> str:
         f"Batch-1 latency (1 client, no batching, {single['calls']} calls alternating with direct calls): "
         f"server p50 {single['server_p50_ms']:.2f} ms, direct in-process call p50 {single['direct_p50_ms']:.2f} ms "
         f"(ratio {single['ratio']:.2f}).",
+        "",
+        "Fixed cost of a request (a signature computing `0.5 * x + 2`, same clients): server "
+        f"{fixed['unbatched']['server_cpu_ms_per_request']:.2f} ms unbatched and "
+        f"{fixed['batched']['server_cpu_ms_per_request']:.2f} ms batched, clients "
+        f"{fixed['unbatched']['client_cpu_ms_per_request']:.2f} ms and "
+        f"{fixed['batched']['client_cpu_ms_per_request']:.2f} ms of CPU per request. With the model's signature "
+        f"costing {ceiling['signature_cpu_ms_per_request']['unbatched']:.2f} ms per request unbatched and "
+        f"{ceiling['signature_cpu_ms_per_request']['batched']:.2f} ms batched, batching can reach at most "
+        f"{ceiling['ratio']:.2f}x on cores that server and clients share.",
         "",
         f"- batched / unbatched throughput: {targets['throughput_ratio']:.2f}x (target >= 3.5): "
         f"{'met' if targets['throughput_met'] else 'MISSED'}",
@@ -336,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 server.stop()
         batched = batched_runs[args.batch_threads]
+        target_config = Path(tmp) / f"batching_{args.batch_threads}.config"
+        fixed = fixed_cost(Path(tmp), args.clients, args.requests,
+                           ["--enable_batching", "--batching_parameters_file", str(target_config)])
 
     direct_p50 = percentile(direct, 50) * 1e3
     served_p50 = percentile(served, 50) * 1e3
@@ -355,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
         "batched": batched,
         "batched_by_num_batch_threads": {str(k): v for k, v in batched_runs.items()},
         "rest_batched": rest_batched,
+        "fixed_cost": fixed,
+        "batching_ceiling": batching_ceiling(unbatched, batched, fixed),
         "batch1_latency": {
             "calls": len(served), "server_p50_ms": served_p50, "server_p99_ms": percentile(served, 99) * 1e3,
             "direct_p50_ms": direct_p50, "direct_p99_ms": percentile(direct, 99) * 1e3,
