@@ -431,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         "throughput_met": ratio >= 3.5,
         "latency_ratio": result["batch1_latency"]["ratio"],
         "latency_met": result["batch1_latency"]["ratio"] <= 1.15,
-        "errors": unbatched["errors"] + sum(r["errors"] for r in batched_runs.values()) + rest_batched["errors"],
+        "errors": unbatched["errors"] + sum(r["errors"] for r in batched_runs.values()) + rest_batched["errors"]
+        + sum(r["errors"] for r in fixed.values()),
     }
     common.write_results(args.output, "serving", result, to_markdown(result))
     print(to_markdown(result))
