@@ -44,6 +44,9 @@ def test_every_readme_snippet_is_checked():
     ]
 
 
+# Keras warns that `fit`'s default `shuffle=True` does not apply to a tf.data dataset (the snippet's
+# dataset shuffles itself).
+@pytest.mark.filterwarnings("ignore:`shuffle=True` was passed:UserWarning")
 def test_training_and_dual_encoder_snippets_run(tmp_path, monkeypatch):
     import keras
 
