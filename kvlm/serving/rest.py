@@ -24,14 +24,12 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
-import tensorflow as tf
 from aiohttp import web
 from google.protobuf import json_format
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
     get_model_status_pb2,
-    predict_pb2,
     regression_pb2,
 )
 
@@ -40,7 +38,7 @@ from kvlm.serving.errors import ServingError, invalid
 from kvlm.serving.json_tensors import fill_input, float_json, request_arrays, response_json
 from kvlm.serving.metrics import CONTENT_TYPE
 from kvlm.serving.service import DEFAULT_SIGNATURE, InferenceService
-from kvlm.serving.tensors import fill_tensor_proto
+from kvlm.serving.tensors import check_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -185,18 +183,14 @@ class RestHandlers:
         return {"results": [float_json(r.value) for r in result.regressions]}
 
     def _predict(self, match: re.Match, body: dict, signature_name: str) -> dict:
-        request = predict_pb2.PredictRequest()
-        _fill_spec(request.model_spec, match, signature_name)
         loaded = self.service.manager.model(match["name"]).resolve(
             int(match["version"]) if match["version"] else None, match["label"]
         )
         signature = loaded.signature(signature_name or DEFAULT_SIGNATURE)
         arrays, row = request_arrays(body, signature.inputs)
-        for name, array in arrays.items():
-            fill_tensor_proto(request.inputs[name], array)
-        request.model_spec.version.value = loaded.version  # the version the inputs were read for
-        response, _ = self.service.predict(request, self.timeout)
-        outputs = {name: tf.make_ndarray(tensor) for name, tensor in response.outputs.items()}
+        outputs, _ = self.service.predict_arrays(
+            loaded, signature, check_arrays(arrays, signature.inputs), timeout=self.timeout
+        )
         return response_json(outputs, row)
 
     def close(self) -> None:

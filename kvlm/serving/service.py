@@ -122,16 +122,25 @@ class InferenceService:
         loaded = self._resolve(spec)
         signature = loaded.signature(spec.signature_name or DEFAULT_SIGNATURE)
         arrays = check_inputs(request.inputs, signature.inputs)
-        wanted = list(request.output_filter) or list(signature.outputs)
+        outputs, size = self.predict_arrays(loaded, signature, arrays, list(request.output_filter), timeout)
+        response = predict_pb2.PredictResponse()
+        _fill_spec(response.model_spec, spec.name, loaded.version, signature.name)
+        for name, value in outputs.items():
+            fill_tensor_proto(response.outputs[name], value)
+        return response, size
+
+    def predict_arrays(
+        self, loaded: LoadedVersion, signature: Signature, arrays: dict[str, np.ndarray],
+        output_filter: list[str] | None = None, timeout: float | None = None,
+    ) -> tuple[dict[str, np.ndarray], int]:
+        """Predict on checked input arrays; returns the outputs `output_filter` names (all by default)
+        and the size of the batch the request ran in."""
+        wanted = output_filter or list(signature.outputs)
         unknown = sorted(set(wanted) - set(signature.outputs))
         if unknown:
             raise invalid(f"Unknown output(s) {unknown} in output_filter; the signature returns {sorted(signature.outputs)}.")
         outputs, size = self.run(loaded, signature, arrays, timeout)
-        response = predict_pb2.PredictResponse()
-        _fill_spec(response.model_spec, spec.name, loaded.version, signature.name)
-        for name in wanted:
-            fill_tensor_proto(response.outputs[name], outputs[name])
-        return response, size
+        return {name: outputs[name] for name in wanted}, size
 
     def _examples_signature(self, loaded: LoadedVersion, name: str, method: str) -> Signature:
         signature = loaded.signature(name or DEFAULT_SIGNATURE)

@@ -52,6 +52,20 @@ def input_specs(specs: Mapping[str, tf.TensorSpec], check_shape: bool = True) ->
     return {name: InputSpec.from_spec(name, spec, check_shape) for name, spec in specs.items()}
 
 
+def check_dimensions(dims: tuple[int, ...], spec: InputSpec) -> None:
+    """Checks an input's shape against its spec's rank and fixed dimensions."""
+    if spec.shape is None:
+        return
+    if len(dims) != len(spec.shape):
+        raise invalid(
+            f"Input '{spec.name}' must have rank {len(spec.shape)} (shape {list(spec.shape)}), "
+            f"got rank {len(dims)} (shape {list(dims)})."
+        )
+    for axis, (want, got) in enumerate(zip(spec.shape, dims)):
+        if want is not None and want != got:
+            raise invalid(f"Input '{spec.name}' must have size {want} on axis {axis}, got shape {list(dims)}.")
+
+
 def to_ndarray(proto: tensor_pb2.TensorProto, spec: InputSpec) -> np.ndarray:
     """Converts one request input, checking dtype, rank, fixed dimensions and element count."""
     name = spec.name
@@ -62,16 +76,7 @@ def to_ndarray(proto: tensor_pb2.TensorProto, spec: InputSpec) -> np.ndarray:
     dims = tuple(d.size for d in proto.tensor_shape.dim)
     if any(d < 0 for d in dims):
         raise invalid(f"Input '{name}' has a negative dimension in shape {list(dims)}.")
-    if spec.shape is not None:
-        if len(dims) != len(spec.shape):
-            expected = [d for d in spec.shape]
-            raise invalid(
-                f"Input '{name}' must have rank {len(spec.shape)} (shape {expected}), "
-                f"got rank {len(dims)} (shape {list(dims)})."
-            )
-        for axis, (want, got) in enumerate(zip(spec.shape, dims)):
-            if want is not None and want != got:
-                raise invalid(f"Input '{name}' must have size {want} on axis {axis}, got shape {list(dims)}.")
+    check_dimensions(dims, spec)
     count = math.prod(dims)
     if proto.dtype == types_pb2.DT_STRING:
         if proto.tensor_content or len(proto.string_val) != count:
@@ -127,7 +132,18 @@ def check_inputs(inputs: Mapping[str, tensor_pb2.TensorProto], specs: Mapping[st
         if extra:
             parts.append(f"unexpected input(s) {extra}")
         raise invalid(f"{'; '.join(parts).capitalize()}; the signature takes {sorted(specs)}.")
-    arrays = {name: to_ndarray(inputs[name], spec) for name, spec in specs.items()}
+    return check_batch({name: to_ndarray(inputs[name], spec) for name, spec in specs.items()}, specs)
+
+
+def check_arrays(arrays: Mapping[str, np.ndarray], specs: Mapping[str, InputSpec]) -> dict[str, np.ndarray]:
+    """`check_inputs` for inputs already converted to arrays of their specs' dtypes (the REST API's)."""
+    for name, spec in specs.items():
+        check_dimensions(arrays[name].shape, spec)
+    return check_batch(dict(arrays), specs)
+
+
+def check_batch(arrays: dict[str, np.ndarray], specs: Mapping[str, InputSpec]) -> dict[str, np.ndarray]:
+    """Checks that the batched inputs share a non-empty batch dimension; returns `arrays`."""
     unbatched = sorted(name for name, spec in specs.items() if spec.batched and arrays[name].ndim == 0)
     if unbatched:
         raise invalid(f"Input(s) {unbatched} must have a batch dimension (dimension 0); got scalars.")

@@ -21,13 +21,13 @@ def exported(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def server(exported, tmp_path_factory):
-    """An unbatched in-process server for model "kvlm" (version 1), 1 MiB message limit."""
+    """An unbatched in-process server for model "kvlm" (version 1) over gRPC and REST, 1 MiB message limit."""
     from kvlm.export.testing import copy_version
     from kvlm.serving import ModelConfig, Server, ServerOptions
 
     base = copy_version(exported[1], tmp_path_factory.mktemp("served"))
     options = ServerOptions(
-        [ModelConfig("kvlm", base, labels={"stable": 1})], port=0,
+        [ModelConfig("kvlm", base, labels={"stable": 1})], port=0, rest_api_port=0,
         max_message_bytes=MAX_MESSAGE_BYTES, file_system_poll_wait_seconds=0,
     )
     server = Server(options)

@@ -27,6 +27,8 @@ from tensorflow_serving.apis import (
 )
 from tensorflow_serving.config import model_server_config_pb2
 
+from rest_client import rest
+
 pytestmark = pytest.mark.tensorflow_only
 
 TIMEOUT = 30
@@ -47,17 +49,6 @@ def predictions(channel):
 @pytest.fixture
 def models(channel):
     return model_service_pb2_grpc.ModelServiceStub(channel)
-
-
-def rest(server, path: str, body=None, raw: bytes | None = None, method: str | None = None):
-    """`(status, parsed JSON body)` of one HTTP call to the server's REST port."""
-    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-    request = urllib.request.Request(f"http://127.0.0.1:{server.rest_port}{path}", data=data, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
 
 
 def predict_request(model: str, values, signature: str = ""):
