@@ -3,7 +3,9 @@
 Measures, in one run on one machine:
   * throughput and client-side p50/p99 latency of N concurrent clients x M requests
     (one example per request) against `kvlm serve` with and without `--enable_batching`,
-    over gRPC and, on the batched server, over the REST API (`{"b64": ...}` images);
+    over gRPC and, on the batched server, over the REST API (`{"b64": ...}` images); the
+    same with the server's thread pools tuned for concurrent requests (`--tuned-flags`);
+    every scenario once per round, over several rounds;
   * p50 latency of single requests from one client (no batching) against a direct
     in-process call of the same SavedModel signature on the same inputs;
   * the fixed cost of a request (server and client CPU per request) on a signature that
@@ -260,7 +262,8 @@ def fixed_cost(workdir: Path, clients: int, per_client: int, batching_flags: lis
 def batching_ceiling(unbatched: dict, batched: dict, fixed: dict) -> dict:
     """The throughput ratio batching can reach when the machine's cores are shared by server and
     clients: each request costs the fixed server and client CPU, plus its signature's CPU
-    (the model's server CPU per request less the fixed server part)."""
+    (the model's server CPU per request less the fixed server part). `signature_ratio` is the
+    ratio if requests cost nothing but their signature."""
     fixed_ms = {k: fixed[k]["server_cpu_ms_per_request"] + fixed[k]["client_cpu_ms_per_request"] for k in fixed}
     signature_ms = {
         "unbatched": unbatched["server_cpu_ms_per_request"] - fixed["unbatched"]["server_cpu_ms_per_request"],
@@ -271,6 +274,7 @@ def batching_ceiling(unbatched: dict, batched: dict, fixed: dict) -> dict:
         "fixed_cpu_ms_per_request": fixed_ms,
         "signature_cpu_ms_per_request": signature_ms,
         "ratio": total["unbatched"] / total["batched"],
+        "signature_ratio": signature_ms["unbatched"] / signature_ms["batched"],
     }
 
 
@@ -283,26 +287,75 @@ def prepare(run: str | None, workdir: Path) -> Path:
     return export_model(run_dir, base_path=workdir / "saved_models", name="kvlm")
 
 
+def run_rounds(base_path: Path, scenarios: dict, requests: list, bodies: list[bytes], args, on_start=None) -> dict:
+    """Runs every scenario once per round, in the same order, so that the scenarios of a round
+    share the machine's state (its speed drifts by tens of percent between minutes).
+
+    `scenarios` maps a name to `(server flags, rest)`; with `rest`, the same server also takes the
+    REST load, recorded under `<name>_rest`. `on_start(name, server)` runs on the first round's
+    servers before their load. Returns each name's list of `measured_load` results, one per round.
+    """
+    runs: dict[str, list[dict]] = {}
+    for round_index in range(args.rounds):
+        for name, (flags, rest) in scenarios.items():
+            server = ServerProcess(base_path, flags + (["--rest_api_port", "0"] if rest else []))
+            try:
+                if round_index == 0 and on_start is not None:
+                    on_start(name, server)
+                runs.setdefault(name, []).append(measured_load(server, requests, args.clients, args.requests))
+                if rest:
+                    runs.setdefault(f"{name}_rest", []).append(
+                        measured_load(server, bodies, args.clients, args.requests, rest=True)
+                    )
+            finally:
+                server.stop()
+    return runs
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median throughput (the lower middle one of an even count), with every
+    run's throughput beside it, so that its latencies and CPU figures are one measurement's."""
+    chosen = sorted(runs, key=lambda r: r["throughput_rps"])[(len(runs) - 1) // 2]
+    return {**chosen, "throughput_rps_runs": [r["throughput_rps"] for r in runs]}
+
+
+def paired_ratio(numerator: list[dict], denominator: list[dict]) -> dict:
+    """Throughput ratios of two scenarios round by round, and their median."""
+    ratios = [a["throughput_rps"] / b["throughput_rps"] for a, b in zip(numerator, denominator)]
+    return {"median": float(np.median(ratios)), "runs": ratios}
+
+
 def to_markdown(result: dict) -> str:
     rows = [
-        "| scenario | clients | requests | errors | throughput (req/s) | p50 (ms) | p99 (ms) | mean batch "
-        "| server CPU/request (ms) | client CPU/request (ms) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| scenario | clients | requests | errors | throughput (req/s) | req/s in each round | p50 (ms) | p99 (ms) "
+        "| mean batch | server CPU/request (ms) | client CPU/request (ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    tuned = result["tuned"]
+    tuned_text = " ".join(tuned["flags"])
+    threads = result["batching"]["num_batch_threads"]
     scenarios = [("gRPC, unbatched", result["unbatched"])] + [
-        (f"gRPC, batched, num_batch_threads={k}" + (" (target)" if r is result["batched"] else ""), r)
+        (f"gRPC, batched, num_batch_threads={k}" + (" (target)" if int(k) == threads else ""), r)
         for k, r in result["batched_by_num_batch_threads"].items()
-    ] + [(f"REST, batched, num_batch_threads={result['batching']['num_batch_threads']}", result["rest_batched"])]
+    ] + [
+        (f"REST, batched, num_batch_threads={threads}", result["rest_batched"]),
+        (f"gRPC, unbatched, `{tuned_text}`", tuned["unbatched"]),
+        (f"gRPC, batched, num_batch_threads={threads}, `{tuned_text}`", tuned["batched"]),
+    ]
     for name, r in scenarios:
+        each = ", ".join(f"{x:.0f}" for x in r["throughput_rps_runs"])
         rows.append(
-            f"| {name} | {r['clients']} | {r['requests']} | {r['errors']} | {r['throughput_rps']:.1f} | "
+            f"| {name} | {r['clients']} | {r['requests']} | {r['errors']} | {r['throughput_rps']:.1f} | {each} | "
             f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['mean_batch_size_seen']:.1f} "
             f"| {r['server_cpu_ms_per_request']:.2f} | {r['client_cpu_ms_per_request']:.2f} |"
         )
     single = result["batch1_latency"]
     targets = result["targets"]
     ceiling = result["batching_ceiling"]
+    tuned_ceiling = tuned["batching_ceiling"]
     fixed = result["fixed_cost"]
+    ratio_runs = ", ".join(f"{x:.2f}" for x in targets["throughput_ratio_runs"])
+    tuned_runs = ", ".join(f"{x:.2f}" for x in tuned["throughput_ratio_runs"])
     return "\n".join([
         "# Serving benchmark",
         "",
@@ -311,10 +364,16 @@ def to_markdown(result: dict) -> str:
         f"Model: {result['model']}. Server: `kvlm serve` subprocess; clients: threads in the benchmark process "
         "(one channel each, one example per request, sharing the machine with the server).",
         "",
+        f"Each of {result['rounds']} rounds runs every scenario once, in the order of the table, each on a fresh "
+        "server; a row shows the round with the median throughput, and the throughput of every round. "
+        "Ratios are taken within a round, whose scenarios share the machine's state, and their median is reported.",
+        "",
         f"Batching: max_batch_size {result['batching']['max_batch_size']}, batch_timeout_micros "
         f"{result['batching']['batch_timeout_micros']}. With num_batch_threads=1 one batch runs at a time and "
         "TensorFlow's intra-op threads use every core for it; with more threads than the machine has spare cores, "
-        "batches run side by side, stay smaller and cost more per example.",
+        "batches run side by side, stay smaller and cost more per example. "
+        f"The last two rows run the server with `{tuned_text}` (each op on one core; "
+        "concurrent requests or batches use the cores instead).",
         "",
         *rows,
         "",
@@ -329,10 +388,17 @@ def to_markdown(result: dict) -> str:
         f"{fixed['batched']['client_cpu_ms_per_request']:.2f} ms of CPU per request. With the model's signature "
         f"costing {ceiling['signature_cpu_ms_per_request']['unbatched']:.2f} ms per request unbatched and "
         f"{ceiling['signature_cpu_ms_per_request']['batched']:.2f} ms batched, batching can reach at most "
-        f"{ceiling['ratio']:.2f}x on cores that server and clients share.",
+        f"{ceiling['ratio']:.2f}x on cores that server and clients share, and "
+        f"{ceiling['signature_ratio']:.2f}x if requests cost nothing but their signature. With "
+        f"`{tuned_text}` the signature costs {tuned_ceiling['signature_cpu_ms_per_request']['unbatched']:.2f} ms "
+        f"unbatched and {tuned_ceiling['signature_cpu_ms_per_request']['batched']:.2f} ms batched: at most "
+        f"{tuned_ceiling['ratio']:.2f}x, and {tuned_ceiling['signature_ratio']:.2f}x with free requests.",
         "",
-        f"- batched / unbatched throughput: {targets['throughput_ratio']:.2f}x (target >= 3.5): "
-        f"{'met' if targets['throughput_met'] else 'MISSED'}",
+        f"- batched / unbatched throughput: {targets['throughput_ratio']:.2f}x, median of rounds ({ratio_runs}) "
+        f"(target >= 3.5): {'met' if targets['throughput_met'] else 'MISSED'}",
+        f"- the same with `{tuned_text}` on both servers: {tuned['throughput_ratio']:.2f}x "
+        f"({tuned_runs}); unbatched {tuned['unbatched']['throughput_rps']:.0f} req/s against "
+        f"{result['unbatched']['throughput_rps']:.0f} with TensorFlow's default thread pools",
         f"- server p50 / direct p50 at batch 1: {targets['latency_ratio']:.2f}x (target <= 1.15): "
         f"{'met' if targets['latency_met'] else 'MISSED'}",
         f"- errors: {targets['errors']} (target 0): {'met' if targets['errors'] == 0 else 'MISSED'}",
@@ -347,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", default=None, help="run folder to export (default: a tiny random-weight run)")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--requests", type=int, default=100, help="requests per client")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every load scenario")
     parser.add_argument("--single-calls", type=int, default=300, help="batch-1 calls per side")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-timeout-micros", type=int, default=2000)
@@ -354,12 +421,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="num_batch_threads: 1 runs one batch at a time, TensorFlow using every core for it")
     parser.add_argument("--compare-batch-threads", type=int, nargs="*", default=[2],
                         help="also measure these num_batch_threads values (reported, not used for the target)")
+    parser.add_argument("--tuned-flags", default="--tensorflow_intra_op_parallelism 1",
+                        help="server flags of the tuned unbatched and batched scenarios")
     parser.add_argument("--output", default=str(common.RESULTS), help="folder for serving.json and serving.md")
     args = parser.parse_args(argv)
 
     from kvlm.export.testing import example_requests
     from kvlm.export.warmup import make_predict_request
 
+    tuned_flags = args.tuned_flags.split()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         version_dir = prepare(args.run, Path(tmp))
@@ -368,38 +438,38 @@ def main(argv: list[str] | None = None) -> int:
         requests = [make_predict_request("kvlm", [i], [t]) for i, t in zip(images, texts)]
         base_path = version_dir.parent
 
-        server = ServerProcess(base_path, [])
-        try:
-            direct, served = batch1_latencies(
-                version_dir, server.target, requests[0], images[0], texts[0], args.single_calls
-            )
-            unbatched = measured_load(server, requests, args.clients, args.requests)
-        finally:
-            server.stop()
-
-        batched_runs = {}
+        batching = {}
         for threads in (args.batch_threads, *args.compare_batch_threads):
             config = Path(tmp) / f"batching_{threads}.config"
             config.write_text(BATCHING.format(
                 max_batch_size=args.max_batch_size, timeout=args.batch_timeout_micros, threads=threads
             ))
-            extra = ["--enable_batching", "--batching_parameters_file", str(config)]
-            with_rest = threads == args.batch_threads
-            server = ServerProcess(base_path, extra + (["--rest_api_port", "0"] if with_rest else []))
-            try:
-                batched_runs[threads] = measured_load(server, requests, args.clients, args.requests)
-                if with_rest:
-                    rest_batched = measured_load(server, rest_bodies(images, texts), args.clients, args.requests,
-                                                 rest=True)
-            finally:
-                server.stop()
-        batched = batched_runs[args.batch_threads]
-        target_config = Path(tmp) / f"batching_{args.batch_threads}.config"
-        fixed = fixed_cost(Path(tmp), args.clients, args.requests,
-                           ["--enable_batching", "--batching_parameters_file", str(target_config)])
+            batching[threads] = ["--enable_batching", "--batching_parameters_file", str(config)]
+        scenarios = {
+            "unbatched": ([], False),
+            **{f"batched_{k}": (flags, k == args.batch_threads) for k, flags in batching.items()},
+            "tuned_unbatched": (tuned_flags, False),
+            "tuned_batched": (batching[args.batch_threads] + tuned_flags, False),
+        }
+        latencies = {}
 
-    direct_p50 = percentile(direct, 50) * 1e3
-    served_p50 = percentile(served, 50) * 1e3
+        def on_start(name: str, server: ServerProcess) -> None:
+            if name == "unbatched":
+                latencies["direct"], latencies["served"] = batch1_latencies(
+                    version_dir, server.target, requests[0], images[0], texts[0], args.single_calls
+                )
+
+        runs = run_rounds(base_path, scenarios, requests, rest_bodies(images, texts), args, on_start)
+        fixed = fixed_cost(Path(tmp), args.clients, args.requests, batching[args.batch_threads])
+
+    unbatched = median_run(runs["unbatched"])
+    batched_runs = {k: median_run(runs[f"batched_{k}"]) for k in batching}
+    batched = batched_runs[args.batch_threads]
+    rest_batched = median_run(runs[f"batched_{args.batch_threads}_rest"])
+    direct_p50 = percentile(latencies["direct"], 50) * 1e3
+    served_p50 = percentile(latencies["served"], 50) * 1e3
+    ratio = paired_ratio(runs[f"batched_{args.batch_threads}"], runs["unbatched"])
+    tuned_ratio = paired_ratio(runs["tuned_batched"], runs["tuned_unbatched"])
     result = {
         "machine": {
             "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
@@ -408,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_after": [round(x, 2) for x in os.getloadavg()],
         },
         "model": f"run {args.run}" if args.run else "kvlm_tiny (CNN encoder, random weights), 32x32 PNG + question",
+        "rounds": args.rounds,
         "batching": {
             "max_batch_size": args.max_batch_size, "batch_timeout_micros": args.batch_timeout_micros,
             "num_batch_threads": args.batch_threads, "max_enqueued_batches": 100,
@@ -416,22 +487,32 @@ def main(argv: list[str] | None = None) -> int:
         "batched": batched,
         "batched_by_num_batch_threads": {str(k): v for k, v in batched_runs.items()},
         "rest_batched": rest_batched,
+        "tuned": {
+            "flags": tuned_flags,
+            "unbatched": median_run(runs["tuned_unbatched"]),
+            "batched": median_run(runs["tuned_batched"]),
+            "throughput_ratio": tuned_ratio["median"],
+            "throughput_ratio_runs": tuned_ratio["runs"],
+        },
         "fixed_cost": fixed,
         "batching_ceiling": batching_ceiling(unbatched, batched, fixed),
         "batch1_latency": {
-            "calls": len(served), "server_p50_ms": served_p50, "server_p99_ms": percentile(served, 99) * 1e3,
-            "direct_p50_ms": direct_p50, "direct_p99_ms": percentile(direct, 99) * 1e3,
+            "calls": len(latencies["served"]), "server_p50_ms": served_p50,
+            "server_p99_ms": percentile(latencies["served"], 99) * 1e3,
+            "direct_p50_ms": direct_p50, "direct_p99_ms": percentile(latencies["direct"], 99) * 1e3,
             "ratio": served_p50 / direct_p50,
         },
         "command": ("python bench/serving.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip(),
     }
-    ratio = batched["throughput_rps"] / unbatched["throughput_rps"]
+    tuned = result["tuned"]
+    tuned["batching_ceiling"] = batching_ceiling(tuned["unbatched"], tuned["batched"], fixed)
     result["targets"] = {
-        "throughput_ratio": ratio,
-        "throughput_met": ratio >= 3.5,
+        "throughput_ratio": ratio["median"],
+        "throughput_ratio_runs": ratio["runs"],
+        "throughput_met": ratio["median"] >= 3.5,
         "latency_ratio": result["batch1_latency"]["ratio"],
         "latency_met": result["batch1_latency"]["ratio"] <= 1.15,
-        "errors": unbatched["errors"] + sum(r["errors"] for r in batched_runs.values()) + rest_batched["errors"]
+        "errors": sum(r["errors"] for scenario in runs.values() for r in scenario)
         + sum(r["errors"] for r in fixed.values()),
     }
     common.write_results(args.output, "serving", result, to_markdown(result))
