@@ -17,7 +17,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +42,8 @@ State = get_model_status_pb2.ModelVersionStatus.State
 WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 MAX_WARMUP_RECORDS = 1000
 MAX_LOAD_ATTEMPTS = 3
+# How long unloading a version waits for the requests still running on it.
+UNLOAD_WAIT_SECONDS = 60.0
 
 
 @dataclass
@@ -119,6 +121,8 @@ class LoadedVersion:
         except Exception:
             self._session.close()
             raise
+        self._in_use = 0
+        self._idle = threading.Condition()
         self._batchers: dict[str, Batcher] = {}
         if batching is not None:
             for name, signature in self.signatures.items():
@@ -212,7 +216,23 @@ class LoadedVersion:
     def stats(self) -> dict[str, dict]:
         return {name: b.stats.snapshot() for name, b in self._batchers.items()}
 
-    def close(self) -> None:
+    def acquire(self) -> None:
+        """Marks one more request running on this version (`close` waits for it)."""
+        with self._idle:
+            self._in_use += 1
+
+    def release(self) -> None:
+        with self._idle:
+            self._in_use -= 1
+            if not self._in_use:
+                self._idle.notify_all()
+
+    def close(self, wait: float = UNLOAD_WAIT_SECONDS) -> None:
+        """Waits up to `wait` seconds for the requests running on this version, then closes it."""
+        with self._idle:
+            if not self._idle.wait_for(lambda: not self._in_use, wait):
+                logger.warning("Model %s version %d: closing with %d request(s) still running after %.0fs.",
+                               self.model_name, self.version, self._in_use, wait)
         for batcher in self._batchers.values():
             batcher.close()
         self._session.close()
@@ -247,14 +267,29 @@ class ServedModel:
         self._skipped: dict[str, str] = {}
 
     def resolve(self, version: int | None = None, label: str | None = None) -> LoadedVersion:
-        """The requested version (label, number, or the latest loaded)."""
-        name = self.config.name
+        """The requested version (label, number, or the latest loaded). To run it, take it with `use`."""
+        with self._lock:
+            return self._find(version, label)
+
+    @contextlib.contextmanager
+    def use(self, version: int | None = None, label: str | None = None) -> Iterator[LoadedVersion]:
+        """The requested version, kept loaded until the block ends: a new version rolling out
+        unloads the old one only after the requests running on it have finished."""
+        with self._lock:
+            loaded = self._find(version, label)
+            loaded.acquire()
+        try:
+            yield loaded
+        finally:
+            loaded.release()
+
+    def _find(self, version: int | None, label: str | None) -> LoadedVersion:
+        """`resolve` with `_lock` held."""
+        name, versions = self.config.name, self.versions
         if label:
             if label not in self.config.labels:
                 raise not_found(f"Model '{name}' has no version label '{label}'; labels: {sorted(self.config.labels)}.")
             version = self.config.labels[label]
-        with self._lock:
-            versions = dict(self.versions)
         if version is None:
             if not versions:
                 raise not_found(f"Model '{name}' has no loaded version (looking in {self.config.base_path}).")
@@ -337,7 +372,7 @@ class ServedModel:
         self.status[version].state = State.UNLOADING
         with self._lock:
             loaded = self.versions.pop(version)
-        loaded.close()
+        loaded.close()  # after the requests still running on it
         self.status[version].state = State.END
         logger.info("Unloaded model %s version %d", self.config.name, version)
 

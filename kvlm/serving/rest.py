@@ -183,14 +183,13 @@ class RestHandlers:
         return {"results": [float_json(r.value) for r in result.regressions]}
 
     def _predict(self, match: re.Match, body: dict, signature_name: str) -> dict:
-        loaded = self.service.manager.model(match["name"]).resolve(
-            int(match["version"]) if match["version"] else None, match["label"]
-        )
-        signature = loaded.signature(signature_name or DEFAULT_SIGNATURE)
-        arrays, row = request_arrays(body, signature.inputs)
-        outputs, _ = self.service.predict_arrays(
-            loaded, signature, check_arrays(arrays, signature.inputs), timeout=self.timeout
-        )
+        version = int(match["version"]) if match["version"] else None
+        with self.service.manager.model(match["name"]).use(version, match["label"]) as loaded:
+            signature = loaded.signature(signature_name or DEFAULT_SIGNATURE)
+            arrays, row = request_arrays(body, signature.inputs)
+            outputs, _ = self.service.predict_arrays(
+                loaded, signature, check_arrays(arrays, signature.inputs), timeout=self.timeout
+            )
         return response_json(outputs, row)
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ the same examples. Requests go through the server's image limits
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -102,6 +103,10 @@ class InferenceService:
     def _resolve(self, spec) -> LoadedVersion:
         return self.manager.model(spec.name).resolve(*version_request(spec))
 
+    def _use(self, spec) -> contextlib.AbstractContextManager[LoadedVersion]:
+        """The version `spec` asks for, kept loaded while the request runs on it."""
+        return self.manager.model(spec.name).use(*version_request(spec))
+
     def run(self, loaded: LoadedVersion, signature: Signature, arrays: dict, timeout: float | None):
         """Runs a signature within the image limits; returns `(outputs, batch_size)`."""
         try:
@@ -119,10 +124,10 @@ class InferenceService:
     def predict(self, request: predict_pb2.PredictRequest, timeout: float | None = None):
         """Runs one Predict request; returns `(response, batch_size)`."""
         spec = request.model_spec
-        loaded = self._resolve(spec)
-        signature = loaded.signature(spec.signature_name or DEFAULT_SIGNATURE)
-        arrays = check_inputs(request.inputs, signature.inputs)
-        outputs, size = self.predict_arrays(loaded, signature, arrays, list(request.output_filter), timeout)
+        with self._use(spec) as loaded:
+            signature = loaded.signature(spec.signature_name or DEFAULT_SIGNATURE)
+            arrays = check_inputs(request.inputs, signature.inputs)
+            outputs, size = self.predict_arrays(loaded, signature, arrays, list(request.output_filter), timeout)
         response = predict_pb2.PredictResponse()
         _fill_spec(response.model_spec, spec.name, loaded.version, signature.name)
         for name, value in outputs.items():
@@ -214,8 +219,8 @@ class InferenceService:
     def _examples_response(self, request, infer: Callable, response_type: type, timeout: float | None):
         """A Classify or Regress response: `infer` runs the request's examples on the resolved version."""
         spec = request.model_spec
-        loaded = self._resolve(spec)
-        result, name = infer(loaded, spec.signature_name, serialized_examples(request.input), timeout)
+        with self._use(spec) as loaded:
+            result, name = infer(loaded, spec.signature_name, serialized_examples(request.input), timeout)
         response = response_type(result=result)
         _fill_spec(response.model_spec, spec.name, loaded.version, name)
         return response
@@ -232,21 +237,21 @@ class InferenceService:
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
             raise invalid(f"Duplicate evaluation of signature: {duplicated[0]}")
-        loaded = self._resolve(specs[0])
         examples = serialized_examples(request.input)
         response = inference_pb2.MultiInferenceResponse()
-        for task, name in zip(request.tasks, names):
-            result = response.results.add()
-            if task.method_name == CLASSIFY_METHOD:
-                classification, name = self._classify(loaded, name, examples, timeout)
-                result.classification_result.CopyFrom(classification)
-            elif task.method_name == REGRESS_METHOD:
-                regression, name = self._regress(loaded, name, examples, timeout)
-                result.regression_result.CopyFrom(regression)
-            else:
-                raise invalid(f"Unsupported signature method_name: {task.method_name!r}; MultiInference runs "
-                              f"{CLASSIFY_METHOD} and {REGRESS_METHOD}.")
-            _fill_spec(result.model_spec, task.model_spec.name, loaded.version, name)
+        with self._use(specs[0]) as loaded:
+            for task, name in zip(request.tasks, names):
+                result = response.results.add()
+                if task.method_name == CLASSIFY_METHOD:
+                    classification, name = self._classify(loaded, name, examples, timeout)
+                    result.classification_result.CopyFrom(classification)
+                elif task.method_name == REGRESS_METHOD:
+                    regression, name = self._regress(loaded, name, examples, timeout)
+                    result.regression_result.CopyFrom(regression)
+                else:
+                    raise invalid(f"Unsupported signature method_name: {task.method_name!r}; MultiInference runs "
+                                  f"{CLASSIFY_METHOD} and {REGRESS_METHOD}.")
+                _fill_spec(result.model_spec, task.model_spec.name, loaded.version, name)
         return response
 
     def metadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest):

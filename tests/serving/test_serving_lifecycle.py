@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -78,6 +79,28 @@ def test_new_version_exported_while_serving_is_picked_up(exported, tmp_path, exa
         server.stop(grace=1)
     assert not errors
     assert served_versions[0] == 1 and served_versions[-1] == 2
+
+
+def test_a_version_is_unloaded_only_after_the_requests_running_on_it(exported, tmp_path, examples):
+    from kvlm.serving.models import ServedModel, State
+
+    base = copy_version(exported[1], tmp_path)
+    model = ServedModel(ModelConfig("kvlm", base), batching=None)
+    model.refresh()
+    images, texts = examples
+    arrays = {"image_bytes": np.array(images[:1], dtype=object), "text": np.array(texts[:1], dtype=object)}
+    unloaded = threading.Event()
+    with model.use() as loaded:
+        signature = loaded.signature("serving_default")
+        expected = signature.run(arrays)
+        shutil.rmtree(base / "1")  # gone from disk: the next refresh unloads it
+        unloader = threading.Thread(target=lambda: (model.refresh(), unloaded.set()))
+        unloader.start()
+        _wait_for(lambda: 1 not in model.versions, 30, "version 1 to stop taking new requests")
+        assert model.status[1].state == State.UNLOADING and not unloaded.wait(0.5)
+        np.testing.assert_array_equal(signature.run(arrays)["scores"], expected["scores"])  # still runs
+    unloader.join(30)
+    assert unloaded.is_set() and model.status[1].state == State.END
 
 
 def test_broken_version_is_reported_and_the_previous_one_serves(exported, tmp_path, examples):
