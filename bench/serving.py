@@ -8,7 +8,7 @@ Measures, in one run on one machine:
     every scenario once per round, over several rounds;
   * p50 latency of single requests from one client (no batching) against a direct
     in-process call of the same SavedModel signature on the same inputs;
-  * the fixed cost of a request (server and client CPU per request) on a signature that
+  * in every round, the fixed cost of a request (server and client CPU per request) on a signature that
     costs almost nothing (`y = 0.5 * x + 2`), and the throughput ratio that cost leaves
     batching on this machine.
 
@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import common
@@ -241,22 +242,14 @@ class _Affine(tf.Module):
         return {"y": 0.5 * x + 2.0}
 
 
-def fixed_cost(workdir: Path, clients: int, per_client: int, batching_flags: list[str]) -> dict:
-    """Server and client CPU per request for `_Affine`, unbatched and batched."""
+def write_affine(workdir: Path) -> tuple[Path, predict_pb2.PredictRequest]:
+    """`_Affine` as model "kvlm" version 1 under `workdir/affine`; returns that base path and a request."""
     module = _Affine()
     tf.saved_model.save(module, str(workdir / "affine" / "1"), signatures={"serving_default": module.serve})
     request = predict_pb2.PredictRequest()
     request.model_spec.name = "kvlm"
     request.inputs["x"].CopyFrom(tf.make_tensor_proto([2.0], shape=[1]))
-    result = {}
-    for name, extra in (("unbatched", []), ("batched", batching_flags)):
-        server = ServerProcess(workdir / "affine", extra)
-        try:
-            load(server.target, [request], clients, 10)  # warm up
-            result[name] = measured_load(server, [request], clients, per_client)
-        finally:
-            server.stop()
-    return result
+    return workdir / "affine", request
 
 
 def batching_ceiling(unbatched: dict, batched: dict, fixed: dict) -> dict:
@@ -287,29 +280,55 @@ def prepare(run: str | None, workdir: Path) -> Path:
     return export_model(run_dir, base_path=workdir / "saved_models", name="kvlm")
 
 
-def run_rounds(base_path: Path, scenarios: dict, requests: list, bodies: list[bytes], args, on_start=None) -> dict:
+@dataclass
+class Scenario:
+    """A server (`base_path` served with `flags`) and its gRPC requests; with REST `bodies`, the
+    same server also takes the REST load."""
+
+    base_path: Path
+    flags: list[str]
+    requests: list
+    bodies: list[bytes] | None = None
+
+
+def run_rounds(scenarios: dict[str, Scenario], args, on_start=None) -> dict[str, list[dict]]:
     """Runs every scenario once per round, in the same order, so that the scenarios of a round
     share the machine's state (its speed drifts by tens of percent between minutes).
 
-    `scenarios` maps a name to `(server flags, rest)`; with `rest`, the same server also takes the
-    REST load, recorded under `<name>_rest`. `on_start(name, server)` runs on the first round's
-    servers before their load. Returns each name's list of `measured_load` results, one per round.
+    Returns each name's list of `measured_load` results, one per round; a REST load is listed
+    under `<name>_rest`. `on_start(name, server)` runs on the first round's servers before their load.
     """
     runs: dict[str, list[dict]] = {}
     for round_index in range(args.rounds):
-        for name, (flags, rest) in scenarios.items():
-            server = ServerProcess(base_path, flags + (["--rest_api_port", "0"] if rest else []))
+        for name, scenario in scenarios.items():
+            rest = scenario.bodies is not None
+            server = ServerProcess(scenario.base_path, scenario.flags + (["--rest_api_port", "0"] if rest else []))
             try:
                 if round_index == 0 and on_start is not None:
                     on_start(name, server)
-                runs.setdefault(name, []).append(measured_load(server, requests, args.clients, args.requests))
+                runs.setdefault(name, []).append(measured_load(server, scenario.requests, args.clients, args.requests))
                 if rest:
                     runs.setdefault(f"{name}_rest", []).append(
-                        measured_load(server, bodies, args.clients, args.requests, rest=True)
+                        measured_load(server, scenario.bodies, args.clients, args.requests, rest=True)
                     )
             finally:
                 server.stop()
     return runs
+
+
+def ceiling_by_round(unbatched: list[dict], batched: list[dict], fixed: dict[str, list[dict]]) -> dict:
+    """`batching_ceiling` of each round (the fixed cost measured in the same round): the round with
+    the median ratio, with every round's ratios beside it."""
+    rounds = [
+        batching_ceiling(u, b, {"unbatched": fu, "batched": fb})
+        for u, b, fu, fb in zip(unbatched, batched, fixed["unbatched"], fixed["batched"])
+    ]
+    middle = sorted(rounds, key=lambda c: c["ratio"])[(len(rounds) - 1) // 2]
+    return {
+        **middle,
+        "ratio_runs": [c["ratio"] for c in rounds],
+        "signature_ratio_runs": [c["signature_ratio"] for c in rounds],
+    }
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -353,9 +372,10 @@ def to_markdown(result: dict) -> str:
     targets = result["targets"]
     ceiling = result["batching_ceiling"]
     tuned_ceiling = tuned["batching_ceiling"]
-    fixed = result["fixed_cost"]
-    ratio_runs = ", ".join(f"{x:.2f}" for x in targets["throughput_ratio_runs"])
-    tuned_runs = ", ".join(f"{x:.2f}" for x in tuned["throughput_ratio_runs"])
+
+    def runs(values: list[float]) -> str:
+        return "each round: " + ", ".join(f"{x:.2f}" for x in values)
+
     return "\n".join([
         "# Serving benchmark",
         "",
@@ -381,23 +401,25 @@ def to_markdown(result: dict) -> str:
         f"server p50 {single['server_p50_ms']:.2f} ms, direct in-process call p50 {single['direct_p50_ms']:.2f} ms "
         f"(ratio {single['ratio']:.2f}).",
         "",
-        "Fixed cost of a request (a signature computing `0.5 * x + 2`, same clients): server "
-        f"{fixed['unbatched']['server_cpu_ms_per_request']:.2f} ms unbatched and "
-        f"{fixed['batched']['server_cpu_ms_per_request']:.2f} ms batched, clients "
-        f"{fixed['unbatched']['client_cpu_ms_per_request']:.2f} ms and "
-        f"{fixed['batched']['client_cpu_ms_per_request']:.2f} ms of CPU per request. With the model's signature "
-        f"costing {ceiling['signature_cpu_ms_per_request']['unbatched']:.2f} ms per request unbatched and "
-        f"{ceiling['signature_cpu_ms_per_request']['batched']:.2f} ms batched, batching can reach at most "
-        f"{ceiling['ratio']:.2f}x on cores that server and clients share, and "
-        f"{ceiling['signature_ratio']:.2f}x if requests cost nothing but their signature. With "
-        f"`{tuned_text}` the signature costs {tuned_ceiling['signature_cpu_ms_per_request']['unbatched']:.2f} ms "
-        f"unbatched and {tuned_ceiling['signature_cpu_ms_per_request']['batched']:.2f} ms batched: at most "
-        f"{tuned_ceiling['ratio']:.2f}x, and {tuned_ceiling['signature_ratio']:.2f}x with free requests.",
+        "Fixed cost of a request, measured in every round on a signature computing `0.5 * x + 2` with the same "
+        f"clients: server and client CPU together {ceiling['fixed_cpu_ms_per_request']['unbatched']:.2f} ms per "
+        f"request unbatched and {ceiling['fixed_cpu_ms_per_request']['batched']:.2f} ms batched in the round with "
+        f"the median ceiling, where the model's signature adds "
+        f"{ceiling['signature_cpu_ms_per_request']['unbatched']:.2f} ms unbatched and "
+        f"{ceiling['signature_cpu_ms_per_request']['batched']:.2f} ms batched. Batching can then reach at most "
+        f"{ceiling['ratio']:.2f}x on cores that server and clients share ({runs(ceiling['ratio_runs'])}), and "
+        f"{ceiling['signature_ratio']:.2f}x if requests cost nothing but their signature "
+        f"({runs(ceiling['signature_ratio_runs'])}). With `{tuned_text}` the signature costs "
+        f"{tuned_ceiling['signature_cpu_ms_per_request']['unbatched']:.2f} ms unbatched and "
+        f"{tuned_ceiling['signature_cpu_ms_per_request']['batched']:.2f} ms batched: at most "
+        f"{tuned_ceiling['ratio']:.2f}x ({runs(tuned_ceiling['ratio_runs'])}), and "
+        f"{tuned_ceiling['signature_ratio']:.2f}x with free requests ({runs(tuned_ceiling['signature_ratio_runs'])}).",
         "",
-        f"- batched / unbatched throughput: {targets['throughput_ratio']:.2f}x, median of rounds ({ratio_runs}) "
+        f"- batched / unbatched throughput: {targets['throughput_ratio']:.2f}x, median of rounds "
+        f"({runs(targets['throughput_ratio_runs'])}) "
         f"(target >= 3.5): {'met' if targets['throughput_met'] else 'MISSED'}",
         f"- the same with `{tuned_text}` on both servers: {tuned['throughput_ratio']:.2f}x "
-        f"({tuned_runs}); unbatched {tuned['unbatched']['throughput_rps']:.0f} req/s against "
+        f"({runs(tuned['throughput_ratio_runs'])}); unbatched {tuned['unbatched']['throughput_rps']:.0f} req/s against "
         f"{result['unbatched']['throughput_rps']:.0f} with TensorFlow's default thread pools",
         f"- server p50 / direct p50 at batch 1: {targets['latency_ratio']:.2f}x (target <= 1.15): "
         f"{'met' if targets['latency_met'] else 'MISSED'}",
@@ -445,11 +467,18 @@ def main(argv: list[str] | None = None) -> int:
                 max_batch_size=args.max_batch_size, timeout=args.batch_timeout_micros, threads=threads
             ))
             batching[threads] = ["--enable_batching", "--batching_parameters_file", str(config)]
+        affine_base, affine_request = write_affine(Path(tmp))
+        bodies = rest_bodies(images, texts)
         scenarios = {
-            "unbatched": ([], False),
-            **{f"batched_{k}": (flags, k == args.batch_threads) for k, flags in batching.items()},
-            "tuned_unbatched": (tuned_flags, False),
-            "tuned_batched": (batching[args.batch_threads] + tuned_flags, False),
+            "unbatched": Scenario(base_path, [], requests),
+            **{
+                f"batched_{k}": Scenario(base_path, flags, requests, bodies if k == args.batch_threads else None)
+                for k, flags in batching.items()
+            },
+            "tuned_unbatched": Scenario(base_path, tuned_flags, requests),
+            "tuned_batched": Scenario(base_path, batching[args.batch_threads] + tuned_flags, requests),
+            "fixed_unbatched": Scenario(affine_base, [], [affine_request]),
+            "fixed_batched": Scenario(affine_base, batching[args.batch_threads], [affine_request]),
         }
         latencies = {}
 
@@ -459,8 +488,10 @@ def main(argv: list[str] | None = None) -> int:
                     version_dir, server.target, requests[0], images[0], texts[0], args.single_calls
                 )
 
-        runs = run_rounds(base_path, scenarios, requests, rest_bodies(images, texts), args, on_start)
-        fixed = fixed_cost(Path(tmp), args.clients, args.requests, batching[args.batch_threads])
+        runs = run_rounds(scenarios, args, on_start)
+
+    fixed_runs = {"unbatched": runs["fixed_unbatched"], "batched": runs["fixed_batched"]}
+    fixed = {k: median_run(v) for k, v in fixed_runs.items()}
 
     unbatched = median_run(runs["unbatched"])
     batched_runs = {k: median_run(runs[f"batched_{k}"]) for k in batching}
@@ -495,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
             "throughput_ratio_runs": tuned_ratio["runs"],
         },
         "fixed_cost": fixed,
-        "batching_ceiling": batching_ceiling(unbatched, batched, fixed),
+        "batching_ceiling": ceiling_by_round(runs["unbatched"], runs[f"batched_{args.batch_threads}"], fixed_runs),
         "batch1_latency": {
             "calls": len(latencies["served"]), "server_p50_ms": served_p50,
             "server_p99_ms": percentile(latencies["served"], 99) * 1e3,
@@ -505,15 +536,14 @@ def main(argv: list[str] | None = None) -> int:
         "command": ("python bench/serving.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip(),
     }
     tuned = result["tuned"]
-    tuned["batching_ceiling"] = batching_ceiling(tuned["unbatched"], tuned["batched"], fixed)
+    tuned["batching_ceiling"] = ceiling_by_round(runs["tuned_unbatched"], runs["tuned_batched"], fixed_runs)
     result["targets"] = {
         "throughput_ratio": ratio["median"],
         "throughput_ratio_runs": ratio["runs"],
         "throughput_met": ratio["median"] >= 3.5,
         "latency_ratio": result["batch1_latency"]["ratio"],
         "latency_met": result["batch1_latency"]["ratio"] <= 1.15,
-        "errors": sum(r["errors"] for scenario in runs.values() for r in scenario)
-        + sum(r["errors"] for r in fixed.values()),
+        "errors": sum(r["errors"] for scenario in runs.values() for r in scenario),
     }
     common.write_results(args.output, "serving", result, to_markdown(result))
     print(to_markdown(result))
