@@ -20,9 +20,6 @@ COMMAND_GROUPS = (
 )
 
 
-# Command groups that never load TensorFlow (the others list its devices first; see device_probe).
-COMMANDS_WITHOUT_TENSORFLOW = ("experts", "data")
-
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every command group registered."""
@@ -40,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the process exit code."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
-    if args.command not in COMMANDS_WITHOUT_TENSORFLOW:
+    # Commands that load TensorFlow list its devices first (see device_probe); the others set
+    # `uses_tensorflow=False` in their parser's defaults.
+    if getattr(args, "uses_tensorflow", True):
         probe_devices()
     try:
         return int(args.handler(args) or 0)

@@ -18,7 +18,7 @@ def register(subparsers) -> None:
     parser.add_argument("--size", type=int, default=100, help="number of examples")
     parser.add_argument("--seed", type=int, default=10_000, help="generator seed")
     parser.add_argument("--image-size", type=int, default=32, help="image side in pixels")
-    parser.set_defaults(handler=run_data)
+    parser.set_defaults(handler=run_data, uses_tensorflow=False)
 
 
 def run_data(args) -> int:

@@ -18,7 +18,7 @@ def register(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     listing.add_argument("--json", action="store_true", help="print one JSON object for machines")
-    listing.set_defaults(handler=run_list)
+    listing.set_defaults(handler=run_list, uses_tensorflow=False)
     install = commands.add_parser(
         "install",
         help="build the base with trained experts (no training), print per-domain accuracy and routing, "

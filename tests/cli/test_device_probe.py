@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from kvlm.cli import build_parser
 from kvlm.cli.device_probe import NVIDIA_DRIVER, filtered_stderr
 
 pytestmark = pytest.mark.backend_independent
@@ -34,3 +35,16 @@ def test_probe_silences_cuinit_on_a_machine_without_a_driver():
     assert result.stdout.strip() == "1"
     assert "cuInit" not in result.stderr
     assert "still here" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, uses_tensorflow",
+    [
+        (["experts", "list"], False),
+        (["data", "--output", "d"], False),
+        (["experts", "install", "--output", "r"], True),  # builds and measures a Keras model
+        (["export", "--model", "r"], True),
+    ],
+)
+def test_commands_that_load_tensorflow_probe_its_devices_first(argv, uses_tensorflow):
+    assert getattr(build_parser().parse_args(argv), "uses_tensorflow", True) is uses_tensorflow
