@@ -20,7 +20,6 @@ COMMAND_GROUPS = (
 )
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every command group registered."""
     parser = argparse.ArgumentParser(

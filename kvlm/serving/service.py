@@ -237,9 +237,9 @@ class InferenceService:
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
             raise invalid(f"Duplicate evaluation of signature: {duplicated[0]}")
-        examples = serialized_examples(request.input)
         response = inference_pb2.MultiInferenceResponse()
         with self._use(specs[0]) as loaded:
+            examples = serialized_examples(request.input)
             for task, name in zip(request.tasks, names):
                 result = response.results.add()
                 if task.method_name == CLASSIFY_METHOD:
