@@ -16,7 +16,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from kvlm.cli import main
 from kvlm.export.testing import copy_version
