@@ -7,30 +7,12 @@ import keras_hub
 import numpy as np
 from keras import ops
 
+from kvlm.layers.ops import top_k
 from kvlm.models import encoders
 from kvlm.models.backbone import VLMBackbone
 from kvlm.models.composite import Composite
 from kvlm.models.knowledge import QUERY_MODES, KnowledgeIndex
 from kvlm.models.preprocessor import VLMPreprocessor, check_preprocessor
-
-
-def top_k(scores, k: int):
-    """`(values, indices)` of the `k` largest scores along the last axis, largest first.
-
-    `keras.ops.top_k`, except on JAX: `jax.lax.top_k` lowers to a StableHLO composite
-    that TensorFlow 2.20's `XlaCallModule` cannot load, so an exported model could not be
-    served. There, `k` rounds of argmax (each masking its winner) give the same result.
-    """
-    if keras.backend.backend() != "jax":
-        return ops.top_k(scores, k)
-    values, indices = [], []
-    for _ in range(k):
-        best = ops.argmax(scores, axis=-1)
-        values.append(ops.max(scores, axis=-1))
-        indices.append(best)
-        winner = ops.one_hot(best, ops.shape(scores)[-1], dtype="bool")
-        scores = ops.where(winner, ops.cast(float("-inf"), scores.dtype), scores)
-    return ops.stack(values, axis=-1), ops.cast(ops.stack(indices, axis=-1), "int32")
 
 
 @keras.saving.register_keras_serializable(package="kvlm")

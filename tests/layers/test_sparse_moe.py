@@ -379,6 +379,25 @@ def test_jit_matches_eager():
         names = [v.path.split("/")[-1] for v in layer.non_trainable_variables]
         dropped = new_state[names.index("dropped_token_fraction")]
         np.testing.assert_allclose(_np(dropped), _np(layer.dropped_token_fraction), atol=1e-6)
+        # An unknown batch is a symbolic dimension on JAX (Keras's symbolic build, jax.export and
+        # jax2tf with a dynamic batch): capacity must stay a static expression of it, never a
+        # traced value passed to jax.jit as a static argument.
+        from jax import export
+
+        (batch,) = export.symbolic_shape("batch")
+        specs = (jax.ShapeDtypeStruct((batch, 6, 8), "float32"), jax.ShapeDtypeStruct((batch, 6), "bool"))
+        ec = _moe(4, router="experts_choose", expert_hidden_dim=16)
+        for moe, training in ((layer, True), (ec, False)):
+            expected = _np(moe(x, mask=mask, training=training))
+            state = ([v.value for v in moe.trainable_variables], [v.value for v in moe.non_trainable_variables])
+
+            def forward(a, m, moe=moe, training=training, state=state):
+                return moe.stateless_call(*state, a, mask=m, training=training)[0]
+
+            exported = export.export(jax.jit(forward))(*specs)
+            np.testing.assert_allclose(_np(exported.call(x, mask)), expected, atol=1e-5)
+        spec = keras.KerasTensor((None, 6, 8))
+        assert layer.compute_output_spec(spec, mask=keras.KerasTensor((None, 6), "bool")).shape == (None, 6, 8)
     else:
         pytest.skip("no jit path is exercised on the torch backend")
 

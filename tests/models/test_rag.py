@@ -256,16 +256,6 @@ def test_exported_model_answers_from_its_own_index(tmp_path, vocabulary, tokeniz
     assert {"index_embeddings", "index_token_ids"} <= set(served["variables"])
 
 
-def test_top_k_matches_a_full_sort_on_every_backend():
-    from kvlm.models.rag import top_k
-
-    scores = np.random.default_rng(0).normal(size=(4, 50)).astype("float32")
-    values, ids = top_k(keras.ops.convert_to_tensor(scores), 5)
-    expected = np.argsort(-scores, axis=1)[:, :5]
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(ids), expected)
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(values), np.take_along_axis(scores, expected, 1))
-
-
 # -- the command line ---------------------------------------------------------------------
 
 

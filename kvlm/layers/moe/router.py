@@ -15,11 +15,13 @@ never with a dense `(tokens, experts, capacity)` one-hot tensor.
 
 from __future__ import annotations
 
-import math
+from fractions import Fraction
 from typing import Any, NamedTuple
 
 import keras
 from keras import ops
+
+from kvlm.layers.ops import top_k as exportable_top_k
 
 IMAGE_MODALITY = 0
 TEXT_MODALITY = 1
@@ -69,28 +71,33 @@ def _jit_on_jax(*static_argnames: str):
 
 
 def num_tokens_of(x):
-    """Static number of rows of `x` when known, else a scalar int32 tensor."""
+    """Number of rows of `x`: a Python int when static, a JAX symbolic dimension where JAX traces
+    an unknown batch (Keras's symbolic build, jax2tf export), else a scalar int32 tensor."""
     n = x.shape[0]
     return n if n is not None else ops.shape(x)[0]
 
 
 def compute_capacity(num_tokens, num_experts: int, top_k: int, capacity_factor: float | None):
-    """Slots per expert: `ceil(capacity_factor * top_k * tokens / num_experts)`, at most `tokens`.
+    """Slots per expert: `ceil(capacity_factor * top_k * tokens / num_experts)`, at least 1, at most `tokens`.
 
-    `capacity_factor=None` means no token is ever dropped (capacity = tokens).
-    Returns a Python int for static token counts, an int32 tensor otherwise.
+    `capacity_factor=None` means no token is ever dropped (capacity = tokens). A static token
+    count (a Python int, or a JAX symbolic dimension, which is at least 1) gives a static
+    capacity computed in exact integer arithmetic, so `jax.jit` can take it as a static argument
+    and shapes can use it; a tensor count (TensorFlow's unknown batch) gives an int32 tensor.
     """
-    if isinstance(num_tokens, int):
+    if ops.is_tensor(num_tokens):
         if capacity_factor is None:
-            return max(num_tokens, 1)
-        capacity = math.ceil(capacity_factor * top_k * num_tokens / num_experts - 1e-9)
-        return int(min(max(capacity, 1), max(num_tokens, 1)))
-    if capacity_factor is None:
-        return ops.maximum(num_tokens, 1)
-    capacity = ops.cast(
-        ops.ceil(ops.cast(num_tokens, "float32") * (capacity_factor * top_k / num_experts) - 1e-6), "int32"
-    )
-    return ops.minimum(ops.maximum(capacity, 1), ops.maximum(num_tokens, 1))
+            return ops.maximum(num_tokens, 1)
+        capacity = ops.cast(
+            ops.ceil(ops.cast(num_tokens, "float32") * (capacity_factor * top_k / num_experts) - 1e-6), "int32"
+        )
+        return ops.minimum(ops.maximum(capacity, 1), ops.maximum(num_tokens, 1))
+    symbolic = not isinstance(num_tokens, int)
+    ratio = None if capacity_factor is None else Fraction(capacity_factor).limit_denominator(10**6) * top_k / num_experts
+    if ratio is None or ratio >= 1:
+        return num_tokens if symbolic else max(num_tokens, 1)
+    capacity = (num_tokens * ratio.numerator + ratio.denominator - 1) // ratio.denominator
+    return capacity if symbolic else max(capacity, 1)
 
 
 def _arange(n):
@@ -127,8 +134,7 @@ def tokens_choose_routing(
     num_tokens = num_tokens_of(probs)
     num_experts = probs.shape[-1]
     num_slots = num_experts * capacity
-    gates, expert_index = ops.top_k(probs, top_k)
-    expert_index = ops.cast(expert_index, "int32")
+    gates, expert_index = exportable_top_k(probs, top_k)
     top1 = ops.stop_gradient(gates[:, 0])
     if normalize_gates:
         gates = gates / ops.maximum(ops.sum(gates, axis=-1, keepdims=True), _EPS)
@@ -192,7 +198,7 @@ def experts_choose_routing(probs, mask, capacity) -> Routing:
     probs, mask = ops.convert_to_tensor(probs, "float32"), ops.convert_to_tensor(mask, "bool")
     num_tokens = num_tokens_of(probs)
     scores = ops.where(mask[:, None], probs, -1.0)
-    values, token_index = ops.top_k(ops.transpose(scores), capacity)  # (experts, capacity)
+    values, token_index = exportable_top_k(ops.transpose(scores), capacity)  # (experts, capacity)
     valid = values >= 0.0
     token_table = ops.where(valid, ops.cast(token_index, "int32"), num_tokens)
     slot_weights = ops.where(valid, values, 0.0)
