@@ -87,10 +87,10 @@ dependencies = ["kvlm>=0.1"]
 {name} = "{module}"
 
 [tool.setuptools]
-packages = ["{module}"]
+packages = ["{module}", "{module}.expert"]
 
 [tool.setuptools.package-data]
-"{module}" = ["expert/*"]
+"{module}.expert" = ["*"]
 """
 
 _README = """# {dist}

@@ -1,6 +1,7 @@
 """SparseMoE layer: numerics against dense references, dropping, gradients, losses, saving, jit."""
 
 import math
+import os
 
 import keras
 import numpy as np
@@ -516,3 +517,24 @@ def test_aux_losses_are_part_of_the_training_loss():
 def test_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SparseMoE(**kwargs)
+
+
+@pytest.mark.tensorflow_only
+def test_routing_in_a_graph_logs_no_error_line_with_onednn():
+    """TensorFlow's oneDNN rewrite logs `E ... oneDNN supports DT_INT32 only on platforms with AVX-512`
+    for int32 ops it could take over (transposes); routing keeps its int32 index tensors out of them."""
+    import subprocess
+    import sys
+
+    script = (
+        "import tensorflow as tf, numpy as np; from kvlm.layers.moe import SparseMoE;"
+        "layer = SparseMoE(experts=4, top_k=2, expert_hidden_dim=8);"
+        "x = np.random.default_rng(0).normal(size=(2, 5, 8)).astype('float32');"
+        "print(tf.function(lambda a: layer(a, training=True))(x).shape)"
+    )
+    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "KERAS_BACKEND": "tensorflow"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(2, 5, 8)" in result.stdout
+    errors = [line for line in result.stderr.splitlines() if "oneDNN" in line]
+    assert not errors, errors

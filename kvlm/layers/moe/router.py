@@ -152,7 +152,9 @@ def tokens_choose_routing(
 
     # Assignment a = j * tokens + t (slot-major); padding goes to bucket `num_experts`.
     bucket = ops.where(mask[:, None], expert_index, num_experts)
-    bucket = ops.reshape(ops.transpose(bucket), (-1,))
+    # Slot-major by slicing, not by an int32 transpose (TensorFlow's oneDNN build logs an error
+    # line for int32 transposes on CPUs without AVX-512).
+    bucket = ops.concatenate([bucket[:, j] for j in range(top_k)], axis=0)
     level = ops.arange(top_k, dtype="int32")[:, None] * num_tokens
     priority_key = ops.reshape(level + rank[None, :], (-1,))
     num_assignments = top_k * num_tokens
@@ -166,7 +168,7 @@ def tokens_choose_routing(
     slot_sorted = ops.where(kept_sorted, bucket_sorted * capacity + position_in_expert, num_slots)
 
     assignment_slot = ops.scatter_update(ops.zeros_like(perm), perm[:, None], slot_sorted)
-    assignment_slot = ops.transpose(ops.reshape(assignment_slot, (top_k, num_tokens)))
+    assignment_slot = ops.stack([assignment_slot[j * num_tokens:(j + 1) * num_tokens] for j in range(top_k)], axis=1)
     kept = assignment_slot < num_slots
     assignment_gate = gates * ops.cast(kept, "float32")
 
