@@ -52,7 +52,7 @@ def _btx(base, experts, train, steps: int, batch_size: int, learning_rate: float
     import keras
 
     from kvlm.data import make_dataset
-    from kvlm.models.domain_experts import install_experts
+    from kvlm.domain_experts import install_experts
 
     from kvlm.layers import FusionBlock
 
@@ -77,10 +77,10 @@ def main() -> None:
     import keras
 
     from kvlm.data import shapes
-    from kvlm.models.domain_experts import Base, TrainedExpert, install_experts
+    from kvlm.domain_experts import Base, DomainExpert, install_experts
     from kvlm.runs import load_run
     from kvlm.tasks.domain_expert.task import EXPERT_DIR
-    from kvlm.training.domain_experts import domain_datasets, routing_shares
+    from kvlm.domain_experts.report import domain_datasets, routing_shares
     from kvlm.training.evaluation import answer_accuracy
 
     keras.utils.set_random_seed(args.seed)
@@ -97,7 +97,7 @@ def main() -> None:
     started = time.perf_counter()
     runs = {d: _train(d, d, [datasets[d]], args, root) for d in DOMAINS}
     training_seconds = time.perf_counter() - started
-    experts = [TrainedExpert.load(runs[d] / EXPERT_DIR) for d in DOMAINS]
+    experts = [DomainExpert.load(runs[d] / EXPERT_DIR) for d in DOMAINS]
     held_out = {d: _held_out(runs[d]) for d in DOMAINS}
 
     started = time.perf_counter()

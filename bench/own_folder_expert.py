@@ -73,7 +73,7 @@ def main() -> None:
 
         from kvlm.data import load_folder, shapes
         from kvlm.experts import refresh
-        from kvlm.models.domain_experts import Base, install_experts
+        from kvlm.domain_experts import Base, install_experts
         from kvlm.runs import load_run
         from kvlm.training.evaluation import answer_accuracy
 

@@ -326,11 +326,11 @@ def check_plugin(
 def check_trained(spec: ExpertSpec) -> None:
     """Checks that the trained expert `spec.trained` ships (loads, one key per fusion block plus the
     head's, weights of matching widths) under the spec's name and domain."""
-    from kvlm.models.domain_experts import TrainedExpert
+    from kvlm.domain_experts import DomainExpert
 
     path = shipped_path(spec, spec.trained)
     try:
-        expert = TrainedExpert.load(path)
+        expert = DomainExpert.load(path)
     except (OSError, KeyError, ValueError) as error:
         _fail(f"{spec.name}: the trained expert at {path} does not load ({type(error).__name__}: {error}); "
               "ship the folder `kvlm train --task domain_expert` writes as package data")

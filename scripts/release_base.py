@@ -26,8 +26,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from kvlm.data import make_dataset
+    from kvlm.domain_experts.base import Base
+    from kvlm.domain_experts.routing import KEY_EXAMPLES, router_keys
     from kvlm.models import VLMPreprocessor
-    from kvlm.models.domain_experts import KEY_EXAMPLES, Base, router_keys
     from kvlm.runs import TrainConfig, load_run
     from kvlm.training import evaluate, fit
     from kvlm.training.examples import load_examples

@@ -28,7 +28,7 @@ def main() -> None:
     from kvlm.runs import TrainConfig
     from kvlm.tasks.domain_expert.task import EXPERT_DIR
     from kvlm.training import fit
-    from kvlm.training.domain_experts import domain_datasets
+    from kvlm.domain_experts.report import domain_datasets
 
     datasets = domain_datasets(args.domains)
     with tempfile.TemporaryDirectory(prefix="kvlm-experts-") as root:

@@ -92,19 +92,19 @@ def _experts(given: list[str] | None) -> list:
     """Trained experts from names of installed plugins or from folders."""
     from pathlib import Path
 
-    from kvlm.models.domain_experts import TrainedExpert, installed_experts
+    from kvlm.domain_experts import DomainExpert, installed_experts
 
     if given is None:
         return installed_experts()
     folders = [g for g in given if Path(g).is_dir()]
-    experts = [TrainedExpert.load(Path(f) / "expert" if (Path(f) / "expert").is_dir() else f) for f in folders]
+    experts = [DomainExpert.load(Path(f) / "expert" if (Path(f) / "expert").is_dir() else f) for f in folders]
     names = [g for g in given if g not in folders]
     return experts + (installed_experts(names) if names else [])
 
 
 def run_install(args) -> int:
-    from kvlm.models.domain_experts import Base, install_experts
-    from kvlm.training.domain_experts import format_installed_report, installed_report, write_installed_run
+    from kvlm.domain_experts import Base, install_experts
+    from kvlm.domain_experts.report import format_installed_report, installed_report, write_installed_run
 
     base = Base.load(args.base)
     installed = install_experts(base, _experts(args.experts))

@@ -44,7 +44,7 @@ class ExpertSpec:
             paths are resolved against the folder of the module defining `build`.
         trained: Folder of a trained expert for a released base (`expert.json` and
             `expert.weights.npz`, written by `kvlm train --task domain_expert`), shipped
-            inside the plugin package and resolved like `weights`. `kvlm.models.domain_experts.
+            inside the plugin package and resolved like `weights`. `kvlm.domain_experts.
             install_experts` places it into that base with its router keys; `build` stays
             the architecture for training a Mixture-of-Experts model from scratch.
     """

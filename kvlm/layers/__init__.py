@@ -1,7 +1,6 @@
 """Backend-agnostic Keras layers (keras.ops only)."""
 
 from kvlm.layers.cnn_encoder import CNNEncoder, ResidualConvBlock
-from kvlm.layers.domain_experts import ExpertAnswerHead, GrownTextEncoder
 from kvlm.layers.fusion import FeedForward, FusionBlock, ModalityFusion
 from kvlm.layers.moe import SparseMoE
 from kvlm.layers.patch_embedding import PatchEmbedding
@@ -10,10 +9,8 @@ from kvlm.layers.vit_encoder import ViTEncoder
 
 __all__ = [
     "CNNEncoder",
-    "ExpertAnswerHead",
     "FeedForward",
     "FusionBlock",
-    "GrownTextEncoder",
     "ModalityFusion",
     "PatchEmbedding",
     "ResidualConvBlock",

@@ -1,16 +1,16 @@
 """The domain_expert task: one domain's expert trained with a released base frozen.
 
-The model is `kvlm.models.domain_experts.specialist_model`: the base (`--base`, default the
+The model is `kvlm.domain_experts.specialist.specialist_model`: the base (`--base`, default the
 shipped `kvlm_tiny_vqa`) with a trainable branch of each fusion block's feed-forward network,
 embedding rows for the domain's words the base tokenizer lacks and head columns for its
 answers the base head lacks. It trains on `--datasets` or a `--data` folder through the
 shared loop; the run folder is a classifier run folder (`kvlm evaluate` and `kvlm export`
 treat it as one) plus:
 
-- `expert/`: the `TrainedExpert` (FFN weights, router keys computed on the training data,
+- `expert/`: the `DomainExpert` (FFN weights, router keys computed on the training data,
   new words and answers, the base fingerprint, the specialist's held-out accuracy);
 - `plugin/`: a pip-installable plugin distribution shipping `expert/`
-  (`kvlm.experts.packaging.write_plugin`), so `pip install <run>/plugin` installs it.
+  (`kvlm.domain_experts.packaging.write_plugin`), so `pip install <run>/plugin` installs it.
 """
 
 from __future__ import annotations
@@ -21,8 +21,11 @@ from typing import Any
 import keras
 
 from kvlm.data import make_dataset, make_tokenizer, missing_words
-from kvlm.experts.packaging import write_plugin
-from kvlm.models.domain_experts import KEY_EXAMPLES, Base, TrainedExpert, router_keys, specialist_model, specialist_weights
+from kvlm.domain_experts.base import Base
+from kvlm.domain_experts.expert import DomainExpert
+from kvlm.domain_experts.packaging import write_plugin
+from kvlm.domain_experts.routing import KEY_EXAMPLES, router_keys
+from kvlm.domain_experts.specialist import specialist_model, specialist_weights
 from kvlm.runs import TrainConfig
 from kvlm.tasks.base import ClassifierTask, TrainData, trained_line
 from kvlm.tasks.domain_expert import INFO
@@ -44,7 +47,7 @@ def expert_domain(config: TrainConfig, examples) -> str:
 
 
 class DomainExpertTask(ClassifierTask):
-    """Trains a `TrainedExpert` for `config.options["base"]` (see the module docstring)."""
+    """Trains a `DomainExpert` for `config.options["base"]` (see the module docstring)."""
 
     info = INFO
 
@@ -85,7 +88,7 @@ class DomainExpertTask(ClassifierTask):
         keys_data = make_dataset(data.train[:KEY_EXAMPLES], data.tokenizer, data.answers, data.image_size, 256)
         held_out_accuracy = answer_accuracy(model, data.held_out, data.tokenizer, data.answers, data.image_size)
         domain = expert_domain(config, data.train)
-        expert = TrainedExpert(
+        expert = DomainExpert(
             name=config.options["expert_name"] or domain.replace(" ", "_").lower(),
             domain=domain,
             base=base.fingerprint,

@@ -28,7 +28,7 @@ def write_plugin(expert_dir: str | Path, output: str | Path, version: str = "0.1
     """Writes the plugin distribution of the trained expert in `expert_dir` to `output`.
 
     Args:
-        expert_dir: A folder written by `TrainedExpert.save`.
+        expert_dir: A folder written by `DomainExpert.save`.
         output: The distribution folder to (re)create.
         version: The distribution's and the expert's version.
         base: The base preset the expert was trained against (named in the README and the test).
@@ -102,7 +102,7 @@ Install it and build the base with every installed expert; no training step runs
 
 ```bash
 pip install .
-python -c "from kvlm.models.domain_experts import Base, install_experts; \\
+python -c "from kvlm.domain_experts import Base, install_experts; \\
 print(install_experts(Base.load('{base}'), 'installed').experts)"
 ```
 
@@ -148,7 +148,7 @@ def test_plugin_conformance_and_discovery(tmp_path):
 
 
 def test_installs_into_its_base():
-    from kvlm.models.domain_experts import Base, install_experts
+    from kvlm.domain_experts import Base, install_experts
 
     installed = install_experts(Base.load("{base}"), ["{name}"])
     assert installed.experts == ["{name}"]

@@ -10,8 +10,10 @@ import keras
 import numpy as np
 
 from kvlm.data import make_dataset, shapes
+from kvlm.domain_experts.base import Base
+from kvlm.domain_experts.install import InstalledModel
+from kvlm.domain_experts.routing import routing_features
 from kvlm.layers import FusionBlock
-from kvlm.models.domain_experts import Base, InstalledModel, routing_features
 from kvlm.runs import MODEL_FILE, TrainConfig, write_run_files
 from kvlm.training.evaluation import answer_accuracy
 from kvlm.training.examples import mix_datasets

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kvlm.experts.packaging import EXPERT_FILES, distribution_name, module_name, write_plugin
+from kvlm.domain_experts.packaging import EXPERT_FILES, distribution_name, module_name, write_plugin
 
 pytestmark = pytest.mark.backend_independent
 
@@ -32,3 +32,16 @@ def test_the_written_plugin_installs_with_its_expert_and_no_setuptools_warning(t
     assert (package / "expert" / "expert.json").read_bytes() == (expert / "expert.json").read_bytes()
     info = next(site.glob(f"{distribution_name('retail').replace('-', '_')}-1.2.3.dist-info"))
     assert "retail = kvlm_retail_expert" in (info / "entry_points.txt").read_text()
+
+
+def test_plugins_written_by_earlier_versions_still_import_from_the_old_module():
+    import importlib
+    import sys
+
+    sys.modules.pop("kvlm.models.domain_experts", None)
+    with pytest.warns(DeprecationWarning, match="moved to kvlm.domain_experts"):
+        old = importlib.import_module("kvlm.models.domain_experts")
+    from kvlm.domain_experts import Base, DomainExpert, install_experts, installed_experts
+
+    assert (old.Base, old.TrainedExpert, old.install_experts, old.installed_experts) == (
+        Base, DomainExpert, install_experts, installed_experts)

@@ -15,7 +15,8 @@ from harness import serve_without_kvlm
 
 from kvlm.data import make_dataset, shapes
 from kvlm.layers.moe.keys import key_logits, l2_normalize
-from kvlm.models.domain_experts import Base, TrainedExpert, install_experts, routing_features
+from kvlm.domain_experts import Base, DomainExpert, install_experts
+from kvlm.domain_experts.routing import routing_features
 from kvlm.runs import TrainConfig, load_run
 from kvlm.tasks.domain_expert.task import EXPERT_DIR, PLUGIN_DIR
 from kvlm.training import fit
@@ -84,7 +85,7 @@ def test_the_shipped_base_loads_offline_with_its_fingerprint_and_keys(base):
 @pytest.mark.convergence
 def test_the_task_writes_an_expert_with_what_a_new_domain_needs(base, retail):
     out, summary, held_out = retail
-    expert = TrainedExpert.load(out / EXPERT_DIR)
+    expert = DomainExpert.load(out / EXPERT_DIR)
     assert (expert.name, expert.domain, expert.base) == ("shop", "retail", base.fingerprint)
     # Retail's words and answers are not the base's: the expert brings rows and columns for them.
     assert len(expert.words) >= 5 and not set(expert.words) & set(base.vocabulary)
@@ -104,7 +105,7 @@ def test_the_task_writes_an_expert_with_what_a_new_domain_needs(base, retail):
 @pytest.mark.convergence
 def test_installing_routes_each_domain_to_its_expert_with_no_training(base, retail):
     out, _, held_out = retail
-    expert = TrainedExpert.load(out / EXPERT_DIR)
+    expert = DomainExpert.load(out / EXPERT_DIR)
     installed = install_experts(base, [expert])
     tokenizer, answers = installed.tokenizer, installed.answers
     assert answers[: len(base.answers)] == base.answers and set(expert.answers) <= set(answers)
@@ -129,7 +130,7 @@ def test_installing_routes_each_domain_to_its_expert_with_no_training(base, reta
 @pytest.mark.convergence
 def test_installed_model_round_trips_as_keras(base, retail, tmp_path):
     out, _, held_out = retail
-    installed = install_experts(base, [TrainedExpert.load(out / EXPERT_DIR)])
+    installed = install_experts(base, [DomainExpert.load(out / EXPERT_DIR)])
     data = make_dataset(held_out[:64], installed.tokenizer, installed.answers, 32, 64)
     path = tmp_path / "installed.keras"
     installed.model.save(path)
@@ -139,7 +140,7 @@ def test_installed_model_round_trips_as_keras(base, retail, tmp_path):
 
 @pytest.mark.convergence
 def test_an_expert_for_another_base_is_refused_naming_both(base, retail):
-    expert = TrainedExpert.load(retail[0] / EXPERT_DIR)
+    expert = DomainExpert.load(retail[0] / EXPERT_DIR)
     with pytest.raises(ValueError, match=f"trained for the base 0123456789abcdef, but this base is {base.fingerprint}"):
         install_experts(base, [replace(expert, base="0123456789abcdef")])
     with pytest.raises(ValueError, match="installed once"):
@@ -157,7 +158,7 @@ def test_the_plugin_installs_with_pip_and_its_expert_routes(retail, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     script = (
-        "import json; from kvlm.models.domain_experts import Base, install_experts, installed_experts;"
+        "import json; from kvlm.domain_experts import Base, install_experts, installed_experts;"
         "import kvlm.testing, kvlm_shop_expert;"
         "kvlm.testing.check_plugin(kvlm_shop_expert, distribution='kvlm-shop-expert');"
         "m = install_experts(Base.load(), ['shop']);"
@@ -174,7 +175,7 @@ def test_the_plugin_installs_with_pip_and_its_expert_routes(retail, tmp_path):
 def shipped(base):
     """The base with the first-party plugins' trained experts installed, and held-out examples of
     the general task and of each expert's domain (no training: runs on every backend)."""
-    from kvlm.training.domain_experts import held_out_examples
+    from kvlm.domain_experts.report import held_out_examples
 
     try:
         installed = install_experts(base, "installed")
@@ -213,7 +214,7 @@ def test_the_installed_model_exports_with_a_dynamic_batch_and_answers_without_kv
     import tensorflow as tf
 
     from kvlm.export.savedmodel import export_model
-    from kvlm.training.domain_experts import write_installed_run
+    from kvlm.domain_experts.report import write_installed_run
 
     installed, held_out = shipped
     run = write_installed_run(installed, tmp_path / "installed", eval_size=50)

@@ -3,10 +3,11 @@
 import keras
 import numpy as np
 import pytest
-from moe_reference import to_numpy as _np
 
-from kvlm.layers import ExpertAnswerHead, GrownTextEncoder, TextEncoder
-from kvlm.layers.domain_experts import OFF
+from kvlm.domain_experts.layers import OFF, ExpertAnswerHead, GrownTextEncoder
+from kvlm.layers import TextEncoder
+
+_np = keras.ops.convert_to_numpy
 
 V, L, D = 20, 6, 16
 
