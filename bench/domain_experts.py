@@ -5,10 +5,14 @@
 For every domain dataset of the installed plugins (medical, legal, retail), an expert is
 trained with the base `kvlm_tiny_vqa` frozen (`kvlm train --task domain_expert`), then all
 of them are installed into the base at once (`install_experts`: router keys, no gradient
-step) and measured on held-out splits. Beside them: the same experts with random keys; the
-base fine-tuned on all domains jointly (one shared branch, the three experts' steps); and a
-Branch-Train-MiX merge whose learned top-2 routers train on the mixed domains and general
-data for one expert's steps. Writes bench/results/domain_experts.json and .md.
+step) and measured on held-out splits. Beside them: what routing had to beat (a Gaussian
+per domain on 4x4-pooled raw pixels, no model at all); two experts trained on the same medical
+images with different question sets, installed together; the same experts with random keys
+(every key drawn around the keys' common mean, so routing is near chance); the base
+fine-tuned on all domains jointly (one shared branch, the three experts' steps); and a merge of
+the experts under learned top-2 routers in the manner of Branch-Train-MiX, where only the
+routers train (the paper fine-tunes every weight of the merged model), on the mixed domains
+and general data for one expert's steps. One seed. Writes bench/results/domain_experts.json and .md.
 """
 
 from __future__ import annotations
@@ -21,16 +25,74 @@ import common
 import numpy as np
 
 DOMAINS = ("legal", "medical", "retail")
-NEW_DOMAIN = "retail"  # reported as `new_domain`; none of the domains' words and answers are in the base
+NEW_DOMAIN = "retail"  # reported as `new_domain`: the domain with the fewest answers the base already has
+# Two question sets about the same medical images (`same_images`), by question prefix.
+QUESTION_SETS = {"findings": ("how many", "which organ", "what size"), "lesions": ("what kind", "which side", "is there")}
 
 
-def _train(name: str, domain: str, names: list[str], args, root: Path, scale: int = 1) -> Path:
-    """A `kvlm train --task domain_expert` run on the datasets `names`; returns its folder."""
+def _pooled_pixels(examples) -> np.ndarray:
+    """Each image averaged over 4x4 windows, flattened, in [0, 1]."""
+    images = np.stack([np.asarray(e.image, np.float32) / 255.0 for e in examples])
+    n, h, w, c = images.shape
+    return images.reshape(n, h // 4, 4, w // 4, 4, c).mean(axis=(2, 4)).reshape(n, -1)
+
+
+def pixel_control(train: dict[str, list], held_out: dict[str, list]) -> dict:
+    """A Gaussian per domain (shrunk covariance) on raw pooled pixels, no model: held-out accuracy at
+    telling the domains apart, overall and per domain."""
+    fitted = {}
+    for domain, examples in train.items():
+        x = _pooled_pixels(examples)
+        covariance = np.cov(x, rowvar=False) + 1e-3 * np.eye(x.shape[1])
+        sign, logdet = np.linalg.slogdet(covariance)
+        fitted[domain] = (x.mean(0), np.linalg.inv(covariance), logdet)
+    domains = list(train)
+    per_domain = {}
+    for domain, examples in held_out.items():
+        x = _pooled_pixels(examples)
+        scores = []
+        for mean, precision, logdet in fitted.values():
+            d = x - mean
+            scores.append(-0.5 * (np.einsum("ni,ij,nj->n", d, precision, d) + logdet))
+        per_domain[domain] = float(np.mean(np.argmax(np.stack(scores, 1), 1) == domains.index(domain)))
+    return {"accuracy": round(float(np.mean(list(per_domain.values()))), 4),
+            "domains": {d: round(v, 4) for d, v in per_domain.items()}}
+
+
+def same_image_folders(root: Path, size: int, seed: int) -> dict[str, Path]:
+    """Folders of medical scans, one per question set of `QUESTION_SETS`, asking each set's
+    questions about the same images (one question per set and image)."""
+    from kvlm.data import Example
+    from kvlm.data.writer import write_folder
+    from kvlm_medical import dataset as medical
+
+    rng = np.random.default_rng(seed)
+    sets = {name: [] for name in QUESTION_SETS}
+    for _ in range(size):
+        scene = medical.scene(rng)
+        image = medical.render(scene, 32, rng)
+        for name, prefixes in QUESTION_SETS.items():
+            question, answer = medical.question_for(scene, rng)
+            while not question.startswith(prefixes):
+                question, answer = medical.question_for(scene, rng)
+            sets[name].append(Example(question, answer, medical.caption_for(scene), image=image, domain="medical"))
+    folders = {}
+    for name, examples in sets.items():
+        write_folder(examples, root / f"same_images_{name}")
+        folders[name] = root / f"same_images_{name}"
+    return folders
+
+
+def _train(name: str, domain: str, names: list[str] | None, args, root: Path, scale: int = 1,
+           data_dir: Path | None = None) -> Path:
+    """A `kvlm train --task domain_expert` run on the datasets `names` (or the folder `data_dir`);
+    returns its folder."""
     from kvlm.runs import TrainConfig
     from kvlm.training import fit
 
     config = TrainConfig(
-        task="domain_expert", output=str(root / name), datasets=names, train_size=args.train_size * scale,
+        task="domain_expert", output=str(root / name), datasets=names, data_dir=str(data_dir) if data_dir else None,
+        train_size=args.train_size * scale,
         eval_size=args.eval_size * scale, epochs=args.epochs, seed=args.seed,
         task_options={"expert_name": name, "domain": domain},
     )
@@ -38,12 +100,13 @@ def _train(name: str, domain: str, names: list[str], args, root: Path, scale: in
     return root / name
 
 
-def _held_out(run_dir: Path) -> list:
+def _examples(run_dir: Path) -> tuple[list, list]:
+    """The `(train, held_out)` examples of a training run."""
     from kvlm.runs import read_config
     from kvlm.training.examples import load_examples
     from kvlm.training.loop import resolve_config
 
-    return load_examples(resolve_config(read_config(run_dir)))[1]
+    return load_examples(resolve_config(read_config(run_dir)))
 
 
 def _btx(base, experts, train, steps: int, batch_size: int, learning_rate: float):
@@ -98,7 +161,8 @@ def main() -> None:
     runs = {d: _train(d, d, [datasets[d]], args, root) for d in DOMAINS}
     training_seconds = time.perf_counter() - started
     experts = [DomainExpert.load(runs[d] / EXPERT_DIR) for d in DOMAINS]
-    held_out = {d: _held_out(runs[d]) for d in DOMAINS}
+    splits = {d: _examples(runs[d]) for d in DOMAINS}
+    held_out = {d: splits[d][1] for d in DOMAINS}
 
     started = time.perf_counter()
     installed = install_experts(base, experts)
@@ -123,15 +187,20 @@ def main() -> None:
         }
     general_routing = routing_shares(installed.model, general, tokenizer, answers, size, names)
 
-    # Control: the same experts with random keys (random unit means, the experts' own precisions).
+    # Control: the same experts with random keys. Every key (the general one too) is the keys' common
+    # Gaussian (mean of the means, mean of the precisions) with its mean moved by a random draw of
+    # the keys' own spread: routing that knows nothing of the domains, near chance.
     rng = np.random.default_rng(args.seed)
-    random_experts = []
-    for expert in experts:
-        keys = expert.keys.copy()
-        means = rng.normal(size=keys[:, 0, :].shape)
-        keys[:, 0, :] = means / np.linalg.norm(means, axis=-1, keepdims=True)
-        random_experts.append(replace(expert, keys=keys))
-    randomized = install_experts(base, random_experts)
+    all_keys = np.stack([base.keys] + [e.keys for e in experts])  # (experts + 1, blocks + 1, d + 1, d)
+    mean_key = all_keys.mean(axis=0)
+    spread = all_keys[:, :, 0, :].std(axis=0)
+
+    def random_key():
+        keys = mean_key.copy()
+        keys[:, 0, :] += rng.normal(size=spread.shape) * spread
+        return keys
+
+    randomized = install_experts(replace(base, keys=random_key()), [replace(e, keys=random_key()) for e in experts])
     random_control = {
         d: {"installed": answer_accuracy(randomized.model, held_out[d], randomized.tokenizer, randomized.answers, size),
             "routing_to_own_expert": routing_shares(randomized.model, held_out[d], randomized.tokenizer,
@@ -154,6 +223,34 @@ def main() -> None:
                                                          size)
     cosine_control["general_routing_to_general"] = routing_shares(cosine.model, general, cosine.tokenizer,
                                                                   cosine.answers, size, names)["all"]["general"]
+
+    # What routing had to beat: the domains told apart from raw pixels alone.
+    train_sets = {"general": shapes.generate(args.train_size, seed=args.seed, image_size=size)}
+    train_sets |= {d: splits[d][0] for d in DOMAINS}
+    pixels = pixel_control(train_sets, {"general": general} | held_out)
+
+    # Two experts on the same images, told apart only by what is asked.
+    from kvlm.runs import TrainConfig
+
+    folders = same_image_folders(root, round(args.train_size / (1 - TrainConfig.eval_fraction)), args.seed)
+    same_runs = {name: _train(f"medical_{name}", "medical", None, args, root, data_dir=folder)
+                 for name, folder in folders.items()}
+    same_experts = [DomainExpert.load(same_runs[name] / EXPERT_DIR) for name in folders]
+    same_held_out = {name: _examples(same_runs[name])[1] for name in folders}
+    both = install_experts(base, same_experts)
+    same_names = ["general", *[e.name for e in same_experts]]
+    same_images = {"experts": {}}
+    for name, expert in zip(folders, same_experts):
+        examples = same_held_out[name]
+        accuracy = answer_accuracy(both.model, examples, both.tokenizer, both.answers, size)
+        same_images["experts"][expert.name] = {
+            "specialist": expert.metrics["accuracy"], "installed": accuracy,
+            "routing": routing_shares(both.model, examples, both.tokenizer, both.answers, size, same_names)["all"],
+        }
+    rows = same_images["experts"].values()
+    same_images["routing"] = round(float(np.mean([r["routing"][n] for n, r in same_images["experts"].items()])), 4)
+    same_images["accuracy_over_specialist"] = round(
+        float(np.mean([r["installed"] / max(r["specialist"], 1e-9) for r in rows])), 4)
 
     # Comparison: one dense branch fine-tuned on all domains jointly, with the three experts' steps.
     joint = load_run(_train("joint", "all", [datasets[d] for d in DOMAINS], args, root, scale=len(DOMAINS)))
@@ -181,8 +278,13 @@ def main() -> None:
         },
         "general_accuracy_drop": round(base_general - merged_general, 4),
         "host_training_steps": host_steps,
+        "pixel_control": pixels,
+        "same_images": same_images,
         "new_domain": {
             "domain": NEW_DOMAIN,
+            "new_words": len(experts[DOMAINS.index(NEW_DOMAIN)].words),
+            "new_answers": len(experts[DOMAINS.index(NEW_DOMAIN)].answers),
+            "answers_in_base": len({e.answer for e in held_out[NEW_DOMAIN]} & set(base.answers)),
             "before": per_domain[NEW_DOMAIN]["base"],
             "after": per_domain[NEW_DOMAIN]["installed"],
             "specialist": per_domain[NEW_DOMAIN]["specialist"],
@@ -194,7 +296,9 @@ def main() -> None:
         "cosine_key_control": cosine_control,
         "joint_fine_tune": joint_results,
         "btx_learned_router": btx_results,
-        "experts": {e.name: {"new_words": len(e.words), "new_answers": len(e.answers)} for e in experts},
+        "experts": {e.name: {"new_words": len(e.words), "new_answers": len(e.answers),
+                             "answers_in_base": len({x.answer for x in held_out[e.name]} & set(base.answers)),
+                             "answers": len({x.answer for x in held_out[e.name]})} for e in experts},
         "config": {"base": "kvlm_tiny_vqa", "base_fingerprint": base.fingerprint, "train_size": args.train_size,
                    "eval_size": args.eval_size, "epochs": args.epochs, "seed": args.seed,
                    "expert_training_seconds": round(training_seconds, 1),
@@ -215,7 +319,7 @@ def _markdown(r: dict, names: list[str]) -> str:
         f"held-out {r['config']['eval_size']} per domain. Host training steps after installing: "
         f"{r['host_training_steps']}.",
         "",
-        "| domain | base alone | specialist | installed (all experts) | installed / specialist | routed to own expert | joint fine-tune | BTX learned router | random keys | cosine keys (routed to own) |",
+        "| domain | base alone | specialist | installed (all experts) | installed / specialist | routed to own expert | joint fine-tune | learned routers (BTX-style) | random keys (routed to own) | cosine keys (routed to own) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for d, v in r["domains"].items():
@@ -223,7 +327,8 @@ def _markdown(r: dict, names: list[str]) -> str:
             f"| {d} | {v['base']:.3f} | {v['specialist']:.3f} | {v['installed']:.3f} | "
             f"{r['accuracy_over_specialist'][d]:.3f} | {r['routing_to_own_expert'][d]:.3f} | "
             f"{r['joint_fine_tune'][d]:.3f} | {r['btx_learned_router'][d]:.3f} | "
-            f"{r['random_key_control'][d]['installed']:.3f} | {r['cosine_key_control'][d]['installed']:.3f} "
+            f"{r['random_key_control'][d]['installed']:.3f} ({r['random_key_control'][d]['routing_to_own_expert']:.3f}) | "
+            f"{r['cosine_key_control'][d]['installed']:.3f} "
             f"({r['cosine_key_control'][d]['routing_to_own_expert']:.3f}) |"
         )
     g = r["general_accuracy"]
@@ -235,9 +340,27 @@ def _markdown(r: dict, names: list[str]) -> str:
         f"({r['cosine_key_control']['general_routing_to_general']:.3f}) |",
         "",
         f"Joint fine-tune: one branch of the base trained on the three domains mixed ({3 * r['config']['train_size']} "
-        f"examples x {r['config']['epochs']} epochs). BTX: the same experts merged under learned top-2 routers, "
-        f"trained for {r['btx_learned_router']['host_training_steps']} host steps on the domains and general data "
-        f"({r['btx_learned_router']['training_seconds']} s).",
+        f"examples x {r['config']['epochs']} epochs). Learned routers (BTX-style): the same experts merged under "
+        f"learned top-2 routers; only the routers train, for {r['btx_learned_router']['host_training_steps']} host "
+        f"steps on the domains and general data ({r['btx_learned_router']['training_seconds']} s); Branch-Train-MiX "
+        "itself fine-tunes every weight of the merged model. Random keys: every key the keys' common Gaussian with "
+        "its mean moved at random by the keys' own spread. One seed.",
+        "",
+        f"What routing had to beat: a Gaussian per domain on 4x4-pooled raw pixels, no model at all, tells the "
+        f"held-out images of the four domains apart at {r['pixel_control']['accuracy']:.3f} ("
+        + ", ".join(f"{d} {v:.3f}" for d, v in r["pixel_control"]["domains"].items()) + "): the shipped domains "
+        "differ by their backgrounds.",
+        "",
+        "Same images: two medical experts trained on the same scans with different question sets ("
+        + "; ".join(f"{n}: {', '.join(p)}" for n, p in QUESTION_SETS.items()) + "), installed together: "
+        f"{r['same_images']['routing']:.3f} of their held-out tokens go to the expert of the question's set, and "
+        f"they keep {r['same_images']['accuracy_over_specialist']:.3f} of their specialists' accuracy ("
+        + ", ".join(f"{n} {v['installed']:.3f} against {v['specialist']:.3f}" for n, v in r["same_images"]["experts"].items())
+        + ").",
+        "",
+        "New words and answers per expert (answers its held-out data has in all, and of them the base's): "
+        + ", ".join(f"{n} {v['new_words']} words, {v['new_answers']} new answers of {v['answers']} "
+                    f"({v['answers_in_base']} the base's)" for n, v in r["experts"].items()) + ".",
         "",
         "Routing heatmap: share of each data's real tokens per expert over all MoE blocks, as the model routes "
         "(all: each sequence on all its tokens); with each sequence routed on its image tokens alone (image) or "
