@@ -23,7 +23,8 @@ class SparseMoE(keras.layers.Layer):
 
     Tokens of all sequences in the batch are flattened and routed together.
     Each expert has `capacity = ceil(capacity_factor * top_k * tokens / experts)`
-    slots (computed from static shapes); tokens are gathered into the slots by
+    slots (a static expression of the batch where the backend traces one: an int, or a JAX
+    symbolic dimension; a tensor for TensorFlow's unknown batch); tokens are gathered into the slots by
     index, the experts run on `(capacity, d)` buffers, and outputs are gathered /
     scatter-added back, so compute grows with `top_k * capacity`, not with the
     number of experts. Tokens over capacity are dropped: their output is 0 and
