@@ -14,6 +14,7 @@ from kvlm.layers.fusion import FeedForward, FusionBlock
 
 
 def fusion_blocks(base: keras.Model) -> list[FusionBlock]:
+    """The base classifier's fusion blocks, in order."""
     backbone = base.backbone
     return [backbone.get_layer(f"fusion_block_{i}") for i in range(backbone.num_fusion_layers)]
 
@@ -30,6 +31,7 @@ def branch_block(block: FusionBlock, ffn: keras.layers.Layer, d_model: int) -> F
 
 
 def feed_forward(block: FusionBlock, weights: Sequence[np.ndarray] | None, name: str, trainable: bool) -> FeedForward:
+    """A `FeedForward` of `block`'s sizes holding `weights` (default: a copy of `block`'s own)."""
     ffn = FeedForward(block.hidden_dim, block.intermediate_dim, block.dropout, dtype=block.dtype_policy, name=name)
     ffn.build((None, block.hidden_dim))
     ffn.set_weights(list(weights) if weights is not None else block.ffn.get_weights())
@@ -37,7 +39,8 @@ def feed_forward(block: FusionBlock, weights: Sequence[np.ndarray] | None, name:
     return ffn
 
 
-def grown_text_encoder(base: keras.Model, extra: int):
+def grown_text_encoder(base: keras.Model, extra: int) -> keras.layers.Layer:
+    """The base's text encoder, frozen; wrapped in a `GrownTextEncoder` when `extra` words are added."""
     text_encoder = base.backbone.get_layer("text_encoder")
     text_encoder.trainable = False
     if not extra:
@@ -48,6 +51,7 @@ def grown_text_encoder(base: keras.Model, extra: int):
 
 
 def expert_head(base: keras.Model, expert_answers: list[list[int]], keys, base_trainable: bool) -> ExpertAnswerHead:
+    """An `ExpertAnswerHead` starting from the base's `logits` layer, with `expert_answers` columns."""
     dense = base.get_layer("logits")
     head = ExpertAnswerHead(base.num_classes, expert_answers, router_keys=keys, base_trainable=base_trainable,
                             dtype="float32", name="answer_head")
@@ -55,8 +59,6 @@ def expert_head(base: keras.Model, expert_answers: list[list[int]], keys, base_t
     head.base_kernel.assign(ops.convert_to_numpy(dense.kernel))
     head.base_bias.assign(ops.convert_to_numpy(dense.bias))
     return head
-
-
 
 
 def assemble(base: keras.Model, blocks: Sequence[FusionBlock], text_encoder: keras.layers.Layer,
