@@ -94,7 +94,7 @@ def _train(name: str, domain: str, names: list[str] | None, args, root: Path, sc
         task="domain_expert", output=str(root / name), datasets=names, data_dir=str(data_dir) if data_dir else None,
         train_size=args.train_size * scale,
         eval_size=args.eval_size * scale, epochs=args.epochs, seed=args.seed,
-        task_options={"expert_name": name, "domain": domain},
+        task_options={"expert_name": name, "domain": domain, "kind": "ffn"},
     )
     fit(config, verbose=0, checkpoint=False)
     return root / name

@@ -5,10 +5,12 @@
 The walk-through of docs/plugins.md ("Train an expert on your own images") on data kvlm does
 not ship: the 1,797 real handwritten digits that scikit-learn bundles (`load_digits`, 8x8
 scans upscaled to 32x32). It writes them as folders of PNGs plus `annotations.jsonl`
-(train 80% / test 20%), trains the expert with `kvlm train --task domain_expert --data-dir`,
-pip-installs the plugin distribution the task writes, builds the base with the installed
-expert (`install_experts(base, "installed")`) and scores base, specialist and installed
-model on the test folder. Writes bench/results/own_folder_expert.json and .md.
+(train 80% / test 20%), trains the expert with `kvlm train --task domain_expert --data-dir`
+(the default kind: LoRA adapters through the whole path), pip-installs the plugin distribution
+the task writes, builds the base with the installed experts (`install_experts(base,
+"installed")`) and scores base, specialist and installed model on the test folder, beside a
+full fine-tune: a VQA model trained end to end on the same folder for the same epochs
+(`kvlm train --task vqa --data-dir`). Writes bench/results/own_folder_expert.json and .md.
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ def main() -> None:
                    "--domain", "handwritten digits", "--expert-name", "digits", "--epochs", str(args.epochs),
                    "--output", str(run), "--no-tensorboard"]
         subprocess.run(command, check=True)
+        full = root / "full_finetune"
+        subprocess.run([sys.executable, "-m", "kvlm", "train", "--task", "vqa", "--data-dir", str(train), "--epochs",
+                        str(args.epochs), "--output", str(full), "--no-tensorboard"], check=True)
         site = root / "site"
         subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q",
                         "--disable-pip-version-check", "--target", str(site), str(run / "plugin")], check=True)
@@ -74,6 +79,7 @@ def main() -> None:
         from kvlm.data import load_folder, shapes
         from kvlm.experts import refresh
         from kvlm.domain_experts import Base, install_experts
+        from kvlm.domain_experts.report import GENERAL, routing_report
         from kvlm.runs import load_run
         from kvlm.training.evaluation import answer_accuracy
 
@@ -81,6 +87,7 @@ def main() -> None:
         base = Base.load("kvlm_tiny_vqa")
         installed = install_experts(base, "installed")
         specialist = load_run(run)
+        full_finetune = load_run(full)
         examples = load_folder(test)
         general = shapes.generate(1000, seed=10_000)
         results = {
@@ -93,8 +100,12 @@ def main() -> None:
             "base": answer_accuracy(base.model, examples, base.tokenizer, base.answers, 32),
             "specialist": answer_accuracy(specialist.model, examples, specialist.tokenizer, specialist.answers, 32),
             "installed": answer_accuracy(installed.model, examples, installed.tokenizer, installed.answers, 32),
+            "full_finetune": answer_accuracy(full_finetune.model, examples, full_finetune.tokenizer,
+                                             full_finetune.answers, 32),
             "general_base": answer_accuracy(base.model, general, base.tokenizer, base.answers, 32),
             "general_installed": answer_accuracy(installed.model, general, installed.tokenizer, installed.answers, 32),
+            "routing": routing_report(installed.model, examples, installed.tokenizer, installed.answers, 32,
+                                      [GENERAL, *installed.experts]),
         }
         results["installed_over_specialist"] = round(results["installed"] / max(results["specialist"], 1e-9), 4)
     markdown = "\n".join([
@@ -105,11 +116,14 @@ def main() -> None:
         f"domain_expert --data-dir`, pip-installed from the plugin distribution it wrote, installed with "
         f"{results['host_training_steps']} host training steps (installed: {', '.join(results['installed_experts'])}).",
         "",
-        "| | base alone | specialist | installed | installed / specialist |",
-        "|---|---|---|---|---|",
+        "| | base alone | specialist | installed | installed / specialist | full fine-tune |",
+        "|---|---|---|---|---|---|",
         f"| digits test folder | {results['base']:.3f} | {results['specialist']:.3f} | {results['installed']:.3f} | "
-        f"{results['installed_over_specialist']:.3f} |",
-        f"| general (shapes) | {results['general_base']:.3f} | - | {results['general_installed']:.3f} | - |",
+        f"{results['installed_over_specialist']:.3f} | {results['full_finetune']:.3f} |",
+        f"| general (shapes) | {results['general_base']:.3f} | - | {results['general_installed']:.3f} | - | - |",
+        "",
+        "Where the installed model routes the digits test folder: "
+        + ", ".join(f"{name} {share:.3f}" for name, share in results["routing"].items()) + ".",
         "",
     ])
     common.write_results(common.RESULTS, "own_folder_expert", results, markdown)

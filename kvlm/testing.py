@@ -324,8 +324,11 @@ def check_plugin(
 
 
 def check_trained(spec: ExpertSpec) -> None:
-    """Checks that the trained expert `spec.trained` ships (loads, one key per fusion block plus the
-    head's, weights of matching widths) under the spec's name and domain."""
+    """Checks that the trained expert `spec.trained` ships (loads; an adapter expert with one key of
+    the routing feature and a finite threshold, an FFN expert with one key per fusion block plus
+    the head's; weights of matching widths) under the spec's name and domain."""
+    import numpy as np
+
     from kvlm.domain_experts import DomainExpert
 
     path = shipped_path(spec, spec.trained)
@@ -336,8 +339,13 @@ def check_trained(spec: ExpertSpec) -> None:
               "ship the folder `kvlm train --task domain_expert` writes as package data")
     if (expert.name, expert.domain) != (spec.name, spec.domain):
         _fail(f"{spec.name}: {path} holds the expert {expert.name!r} ({expert.domain}), not {spec.name!r} ({spec.domain})")
-    d_model = expert.keys.shape[-1]
-    if expert.keys.shape[0] != len(expert.ffn_weights) + 1 or any(w[0].shape[0] != d_model for w in expert.ffn_weights):
+    d_model = expert.answer_kernel.shape[0]
+    if expert.kind == "adapters":
+        if expert.keys.shape[0] != 1 or expert.threshold is None or not np.isfinite(expert.threshold):
+            _fail(f"{spec.name}: {path} is an adapter expert with {expert.keys.shape[0]} router keys and threshold "
+                  f"{expert.threshold} (expected one key and a finite threshold)")
+    elif expert.keys.shape[0] != len(expert.ffn_weights) + 1 or any(
+            w[0].shape[0] != d_model or expert.keys.shape[-1] != d_model for w in expert.ffn_weights):
         _fail(f"{spec.name}: {path} has {expert.keys.shape[0]} router keys for {len(expert.ffn_weights)} fusion blocks "
               f"(expected one per block plus the head's, all of width {d_model})")
     if expert.word_embeddings.shape != (len(expert.words), d_model) or expert.answer_kernel.shape != (d_model, len(expert.answers)):

@@ -5,10 +5,12 @@ Not to be confused with `kvlm.experts`, the plugin contract for expert *layers* 
 `SparseMoE` is built from. Here:
 
 - `base`: the released base (`Base`) and its fingerprint;
-- `expert`: a trained `DomainExpert` and its folder format;
+- `expert`: a trained `DomainExpert` and its folder format (adapter or FFN expert);
 - `specialist`: the model an expert trains in (`kvlm train --task domain_expert`);
-- `routing`: the router keys an author fits on their own data;
+- `adapters`: LoRA adapters through the base, trained, saved and run per example;
+- `routing`: the router keys and abstention threshold an author fits on their own data;
 - `install`: the base with experts installed (`install_experts`);
+- `multi_adapter`: the layer that runs many adapter experts on one frozen base;
 - `report`: per-domain accuracy and routing of an installed model (`kvlm experts install`);
 - `packaging`: the plugin distribution a trained expert is published as;
 - `assembly`, `layers`: the model surgery and the layers they share.
@@ -24,6 +26,8 @@ _LAZY = {
     "install_experts": "kvlm.domain_experts.install",
     "installed_experts": "kvlm.domain_experts.install",
     "specialist_model": "kvlm.domain_experts.specialist",
+    "adapter_specialist_model": "kvlm.domain_experts.specialist",
+    "AdapterExperts": "kvlm.domain_experts.multi_adapter",
     "router_keys": "kvlm.domain_experts.routing",
 }
 __all__ = sorted(_LAZY)

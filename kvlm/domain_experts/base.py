@@ -51,6 +51,11 @@ class Base:
         return list(self.model.preprocessor.answers)
 
     @property
+    def unknown_id(self) -> int:
+        """The id the base tokenizer gives words it lacks."""
+        return self.vocabulary.index("[UNK]")
+
+    @property
     def tokenizer(self):
         return self.model.preprocessor.tokenizer
 

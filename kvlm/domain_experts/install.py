@@ -18,6 +18,8 @@ from kvlm.domain_experts.assembly import (
 )
 from kvlm.domain_experts.base import Base, check_base
 from kvlm.domain_experts.expert import DomainExpert
+from kvlm.domain_experts.layers import OFF
+from kvlm.domain_experts.multi_adapter import AdapterExperts
 from kvlm.layers.fusion import FeedForward
 from kvlm.layers.moe import SparseMoE
 from kvlm.layers.moe.banks import LayerBank
@@ -86,7 +88,11 @@ def install_experts(
 ) -> InstalledModel:
     """The base with `experts` installed, routed by their keys: no gradient step.
 
-    Every fusion block's feed-forward becomes a `SparseMoE` over the base FFN (the general
+    Adapter experts (`DomainExpert.kind == "adapters"`) join through an `AdapterExperts`
+    layer: each example is routed once on the base's encoders and runs through its expert's
+    adapters, words and head, or the base's when no expert's threshold admits it.
+
+    FFN experts: every fusion block's feed-forward becomes a `SparseMoE` over the base FFN (the general
     expert, key `base.keys[i]`) and the experts' FFNs; the head adds the experts' answers.
 
     Args:
@@ -98,8 +104,8 @@ def install_experts(
             data; the answer head still routes by keys).
 
     Raises:
-        ValueError: An expert was trained for another base, two experts share a name, or
-            a name is not an installed trained expert.
+        ValueError: An expert was trained for another base, two experts share a name, a
+            name is not an installed trained expert, or adapter and FFN experts are mixed.
     """
     if router not in ("keys", "learned"):
         raise ValueError(f"`router` must be 'keys' or 'learned'. Received: router={router!r}")
@@ -107,6 +113,17 @@ def install_experts(
         experts = installed_experts(None if experts == "installed" else [experts])
     elif experts and all(isinstance(e, str) for e in experts):
         experts = installed_experts(experts)
+    kinds = {e.kind for e in experts}
+    if len(kinds) > 1:
+        raise ValueError(
+            "Adapter experts and FFN experts cannot be installed together; train the FFN experts again "
+            "(`kvlm train --task domain_expert`) to make adapter experts of them. Received: "
+            + ", ".join(f"{e.name} ({e.kind})" for e in experts)
+        )
+    if kinds == {"adapters"}:
+        if router != "keys":
+            raise ValueError(f"Adapter experts route by their keys. Received: router={router!r}")
+        return _install_adapters(base, experts)
     base_print, general_keys = base.fingerprint, base.keys
     vocabulary, answers = base.vocabulary, base.answers
     base = base.model
@@ -143,3 +160,56 @@ def install_experts(
     model = assemble(base, blocks, text_encoder, head, "installed_experts")
     return InstalledModel(model, vocabulary + new_words, answers + new_answers, names,
                           {e.name: e.domain for e in experts})
+
+
+def _install_adapters(base: Base, experts: Sequence[DomainExpert]) -> InstalledModel:
+    """`install_experts` for adapter experts (see there)."""
+    from kvlm.models.backbone import VLMBackbone
+
+    for expert in experts:
+        check_base(expert, base.fingerprint)
+    names = [e.name for e in experts]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Each expert can be installed once. Received: experts={names}")
+    vocabulary = base.vocabulary + list(dict.fromkeys(w for e in experts for w in e.words if w not in base.vocabulary))
+    answers = base.answers + list(dict.fromkeys(a for e in experts for a in e.answers if a not in base.answers))
+    backbone = VLMBackbone.from_config(base.model.backbone.get_config())
+    backbone.set_weights(base.model.backbone.get_weights())
+    shapes = {}
+    for expert in experts:
+        for index, (a, b) in expert.adapters.items():
+            rank = max(a.shape[-1], shapes.get(index, ((0,), ()))[0][-1])
+            shapes[index] = (a.shape[:-1] + (rank,), (rank, b.shape[-1]))
+    unknown_id = base.unknown_id
+    layer = AdapterExperts(backbone, names, shapes, len(base.vocabulary), unknown_id, len(vocabulary), len(answers),
+                           experts[0].keys.shape[-1], name="adapter_experts")
+    inputs = {name: keras.Input(tensor.shape[1:], dtype=tensor.dtype, name=name)
+              for name, tensor in base.model.backbone.input.items()}
+    model = keras.Model(inputs, layer(inputs), name="installed_experts")
+    for index, (a_stack, b_stack) in layer.adapters().items():
+        a_values, b_values = np.zeros(a_stack.shape, np.float32), np.zeros(b_stack.shape, np.float32)
+        for slot, expert in enumerate(experts, start=1):
+            if index in expert.adapters:
+                a, b = expert.adapters[index]
+                a_values[slot, ..., :a.shape[-1]], b_values[slot, :b.shape[0]] = a, b
+        a_stack.assign(a_values)
+        b_stack.assign(b_values)
+    if layer.word_rows is not None:
+        embeddings = keras.ops.convert_to_numpy(backbone.get_layer("text_encoder").embedding.token_embedding.embeddings)
+        rows = np.broadcast_to(embeddings[unknown_id], layer.word_rows.shape).copy()
+        for slot, expert in enumerate(experts, start=1):
+            for word, row in zip(expert.words, expert.word_embeddings):
+                rows[slot, vocabulary.index(word) - len(base.vocabulary)] = row
+        layer.word_rows.assign(rows)
+    kernels, biases = np.zeros(layer.answer_kernels.shape, np.float32), np.full(layer.answer_biases.shape, OFF, np.float32)
+    logits = base.model.get_layer("logits")
+    kernels[0, :, :len(base.answers)] = keras.ops.convert_to_numpy(logits.kernel)
+    biases[0, :len(base.answers)] = keras.ops.convert_to_numpy(logits.bias)
+    for slot, expert in enumerate(experts, start=1):
+        columns = [answers.index(a) for a in expert.answers]
+        kernels[slot][:, columns], biases[slot][columns] = expert.answer_kernel, expert.answer_bias
+    layer.answer_kernels.assign(kernels)
+    layer.answer_biases.assign(biases)
+    layer.router_keys.assign(np.stack([e.keys[0] for e in experts]))
+    layer.thresholds.assign(np.array([e.threshold for e in experts], np.float32))
+    return InstalledModel(model, vocabulary, answers, names, {e.name: e.domain for e in experts})

@@ -49,9 +49,8 @@ def write_plugin(expert_dir: str | Path, output: str | Path, version: str = "0.1
     if output.exists():
         shutil.rmtree(output)
     package = output / module
-    (package / "expert").mkdir(parents=True)
-    for file in EXPERT_FILES:
-        shutil.copy2(expert_dir / file, package / "expert" / file)
+    package.mkdir(parents=True)
+    shutil.copytree(expert_dir, package / "expert")  # with an adapter expert's expert.lora.h5
     accuracy = meta.get("metrics", {}).get("accuracy")
     description = f"{domain} expert for the kvlm base {meta['base']}" + (
         f" (specialist held-out accuracy {accuracy:.3f})" if accuracy is not None else ""

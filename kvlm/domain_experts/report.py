@@ -49,6 +49,25 @@ def routing_shares(model: keras.Model, examples: Sequence, tokenizer, answers: S
     return shares
 
 
+def routed_slots(model: keras.Model, examples: Sequence, tokenizer, image_size: int) -> np.ndarray:
+    """Per example, where a model with adapter experts routes it: 0 the base, `e + 1` expert `e`."""
+    layer = model.get_layer("adapter_experts")
+    labels = sorted({e.answer for e in examples})  # routing reads no label
+    data = make_dataset(list(examples), tokenizer, labels, image_size, 256)
+    return np.concatenate([keras.ops.convert_to_numpy(layer.routed_slots(inputs)) for inputs, _ in data])
+
+
+def routing_report(model: keras.Model, examples: Sequence, tokenizer, answers: Sequence[str], image_size: int,
+                   expert_names: Sequence[str]) -> dict[str, float]:
+    """Share of the examples each expert answers (adapter experts), or of their real tokens
+    each expert processes over every SparseMoE block (FFN experts)."""
+    if any(layer.name == "adapter_experts" for layer in model.layers):
+        slots = routed_slots(model, examples, tokenizer, image_size)
+        shares = np.bincount(slots, minlength=len(expert_names)) / max(len(slots), 1)
+        return dict(zip(expert_names, shares.round(4).tolist()))
+    return routing_shares(model, examples, tokenizer, answers, image_size, expert_names)["all"]
+
+
 def domain_datasets(domains: Sequence[str]) -> dict[str, str]:
     """For each domain, the first installed plugin dataset of that domain (domains without one are left out)."""
     from kvlm.experts import datasets
@@ -80,8 +99,8 @@ def installed_report(base: Base, installed: InstalledModel, size: int = 500, see
             "base": answer_accuracy(base.model, examples, base.tokenizer, base.answers, base.image_size),
             "installed": answer_accuracy(installed.model, examples, installed.tokenizer, installed.answers,
                                          base.image_size),
-            "routing": routing_shares(installed.model, examples, installed.tokenizer, installed.answers,
-                                      base.image_size, names)["all"],
+            "routing": routing_report(installed.model, examples, installed.tokenizer, installed.answers,
+                                      base.image_size, names),
         }
     return report
 
@@ -91,7 +110,7 @@ def format_installed_report(report: dict[str, Any], experts: Sequence[str]) -> s
     names = [GENERAL, *experts]
     lines = ["domain     examples  base alone  with experts"]
     lines += [f"{d:<10} {r['examples']:>8}  {r['base']:>10.3f}  {r['installed']:>12.3f}" for d, r in report.items()]
-    lines += ["", "routing (share of real tokens per expert)", f"{'domain':<10} " + " ".join(f"{n:>8}" for n in names)]
+    lines += ["", "routing (share per expert of the examples, or of the real tokens for FFN experts)", f"{'domain':<10} " + " ".join(f"{n:>8}" for n in names)]
     lines += [f"{d:<10} " + " ".join(f"{r['routing'][n]:>8.3f}" for n in names) for d, r in report.items()]
     return "\n".join(lines)
 

@@ -1,4 +1,5 @@
-"""Router keys: Gaussians of a domain's features along the base path, fitted on its author's data."""
+"""Router keys: Gaussians of a domain's features along the base path, fitted on its author's data,
+and the abstention threshold of an adapter expert's key."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import keras
 import numpy as np
 from keras import ops
 
+from kvlm.domain_experts.base import Base
 from kvlm.layers.fusion import FusionBlock
-from kvlm.layers.moe.keys import gaussian_key
+from kvlm.layers.moe.keys import gaussian_key, key_logits
 
 # Examples router keys are computed on (their mean settles long before this).
 KEY_EXAMPLES = 2048
@@ -61,3 +63,29 @@ def router_keys(model: keras.Model, dataset) -> np.ndarray:
 def _unit(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+# Share of the author's held-out examples an adapter expert's threshold lets fall to the base.
+ABSTAIN_QUANTILE = 0.01
+
+
+def base_routing_features(base: Base, dataset) -> np.ndarray:
+    """`(examples, 2 d)` routing features (`multi_adapter.routing_feature`) of `dataset`'s batches
+    on the base's encoders, words the base lacks read as its unknown id."""
+    from kvlm.domain_experts.multi_adapter import base_token_ids, routing_feature
+
+    features = []
+    for batch in dataset:
+        inputs = batch[0] if isinstance(batch, tuple) else batch
+        token_ids = base_token_ids(inputs["token_ids"], len(base.vocabulary), base.unknown_id)
+        images = ops.convert_to_tensor(inputs["images"])
+        features.append(ops.convert_to_numpy(routing_feature(base.model.backbone, images, token_ids)))
+    if not features:
+        raise ValueError("Router keys need at least one batch of data. Received: an empty dataset")
+    return np.concatenate(features)
+
+
+def abstention_threshold(key: np.ndarray, held_out_features: np.ndarray, quantile: float = ABSTAIN_QUANTILE) -> float:
+    """The log-likelihood under `key` that all but `quantile` of the author's held-out features reach."""
+    logits = ops.convert_to_numpy(key_logits(ops.convert_to_tensor(held_out_features), key[None]))[:, 0]
+    return float(np.quantile(logits, quantile))

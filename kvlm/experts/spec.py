@@ -42,8 +42,9 @@ class ExpertSpec:
         vocabulary: Domain words added to the tokenizer.
         weights: Path of a `.weights.h5` file shipped inside the plugin package; relative
             paths are resolved against the folder of the module defining `build`.
-        trained: Folder of a trained expert for a released base (`expert.json` and
-            `expert.weights.npz`, written by `kvlm train --task domain_expert`), shipped
+        trained: Folder of a trained expert for a released base (`expert.json`,
+            `expert.weights.npz` and, for an adapter expert, `expert.lora.h5`, written by
+            `kvlm train --task domain_expert`), shipped
             inside the plugin package and resolved like `weights`. `kvlm.domain_experts.
             install_experts` places it into that base with its router keys; `build` stays
             the architecture for training a Mixture-of-Experts model from scratch.

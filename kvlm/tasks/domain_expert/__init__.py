@@ -1,6 +1,6 @@
 """The domain_expert task: one domain's expert trained against a frozen released base (see `task.py`)."""
 
-from kvlm.tasks.info import Option, TaskInfo
+from kvlm.tasks.info import Option, TaskInfo, positive_int
 
 INFO = TaskInfo(
     name="domain_expert",
@@ -11,5 +11,11 @@ INFO = TaskInfo(
                "with kvlm.json (scripts/release_base.py)"),
         Option("expert_name", None, "the expert's registry name (default: its domain)"),
         Option("domain", None, "the domain (default: that of --datasets, else the data folder's name)"),
+        Option("kind", "adapters", "adapters: LoRA adapters through the whole path and an own answer head; "
+               "ffn: a branch of each fusion feed-forward network (the first kind of expert)",
+               choices=("adapters", "ffn")),
+        Option("adapter_rank", 32, "rank of the LoRA adapters (--kind adapters)", type=positive_int),
+        Option("adapt", None, "comma-separated parts of layer paths that take adapters (e.g. "
+               "image_encoder,attention); default every Dense, EinsumDense and Conv2D layer (--kind adapters)"),
     ),
 )

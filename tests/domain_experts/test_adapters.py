@@ -1,0 +1,113 @@
+"""Per-example low-rank adapters against Keras's own LoRA, and keras-hub's `.lora.h5` layout."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from kvlm.domain_experts.adapters import (
+    adaptable_indices,
+    batched_equation,
+    enable_adapters,
+    load_adapters,
+    lora_pair,
+    per_example_delta,
+    pre_activation,
+    save_adapters,
+    weighted_layers,
+)
+from kvlm.models.backbone import VLMBackbone
+
+RNG = np.random.default_rng(0)
+CASES = {
+    "dense_sequence": (lambda: keras.layers.Dense(6, activation="gelu"), (3, 5, 8)),
+    "dense_vector": (lambda: keras.layers.Dense(6), (3, 8)),
+    "einsum_query": (lambda: keras.layers.EinsumDense("abc,cde->abde", output_shape=(None, 4, 3), bias_axes="de"),
+                     (3, 5, 8)),
+    "einsum_output": (lambda: keras.layers.EinsumDense("abcd,cde->abe", output_shape=(None, 5), bias_axes="e"),
+                      (3, 4, 3, 8)),
+    "conv_same": (lambda: keras.layers.Conv2D(5, 3, padding="same", activation="relu"), (3, 9, 9, 3)),
+    "conv_strided": (lambda: keras.layers.Conv2D(5, 3, strides=2, padding="same"), (3, 9, 9, 3)),
+    "conv_patches": (lambda: keras.layers.Conv2D(5, 4, strides=4), (3, 8, 8, 3)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_each_example_gets_exactly_its_own_experts_lora(case):
+    """Examples routed to two experts and to none each equal Keras's `enable_lora` layer holding that pair."""
+    make, shape = CASES[case]
+    x = RNG.normal(size=shape).astype("float32")
+    layer = make()
+    layer.build(shape)
+    layer.enable_lora(3)
+    pairs = [(RNG.normal(size=layer.lora_kernel_a.shape), RNG.normal(size=layer.lora_kernel_b.shape)) for _ in range(2)]
+    expected = []
+    for a, b in pairs + [(np.zeros(layer.lora_kernel_a.shape), np.zeros(layer.lora_kernel_b.shape))]:
+        layer.lora_kernel_a.assign(a)
+        layer.lora_kernel_b.assign(b)
+        expected.append(keras.ops.convert_to_numpy(layer(x)))
+    zero = (np.zeros_like(pairs[0][0]), np.zeros_like(pairs[0][1]))
+    a, b = (np.stack([p[i] for p in (pairs[0], pairs[1], zero)]).astype("float32") for i in (0, 1))
+    delta = per_example_delta(layer, keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(a),
+                              keras.ops.convert_to_tensor(b))
+    got = keras.ops.convert_to_numpy(layer.activation(pre_activation(layer, x) + delta))
+    for i in range(3):
+        np.testing.assert_allclose(got[i], expected[i][i], rtol=1e-4, atol=1e-4)
+    assert np.abs(expected[0][0] - expected[2][0]).max() > 0.1  # the adapters change the output
+
+
+@pytest.mark.backend_independent
+def test_einsum_equations_gain_a_batch_axis_or_are_refused_by_name():
+    assert batched_equation("abc,cde->abde") == "abc,acdz->abdz"
+    assert batched_equation("abcd,cde->abe") == "abcd,acdz->abz"
+    for equation in ("ab,bc->ac b", "abc,acd->abd", "abc,dc->abd", "...b,bc->...c"):
+        with pytest.raises(ValueError, match=f"Received: equation={equation!r}"):
+            batched_equation(equation)
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return VLMBackbone(vocabulary_size=20, encoder="cnn", num_fusion_layers=2)
+
+
+def test_adapters_go_where_the_author_targets_and_only_they_train(backbone):
+    layers = weighted_layers(backbone)
+    everything = adaptable_indices(backbone)
+    assert {type(layers[i]).__name__ for i in everything} == {"Conv2D", "Dense", "EinsumDense"}
+    attention = adaptable_indices(backbone, ["attention"])
+    assert attention and set(attention) < set(everything)
+    assert all("attention" in layers[i].path for i in attention)
+    with pytest.raises(ValueError, match=r"No Dense, EinsumDense or Conv2D layer .* targets=\['decoder'\]"):
+        adaptable_indices(backbone, ["decoder"])
+    copy = VLMBackbone.from_config(backbone.get_config())
+    enable_adapters(copy, 4, attention)
+    trainable = {v.path for v in copy.trainable_weights}
+    assert len(trainable) == 2 * len(attention) and all("lora_kernel" in p for p in trainable)
+    with pytest.raises(ValueError, match="`rank` must be an int >= 1. Received: rank=0"):
+        enable_adapters(copy, 0, attention)
+
+
+def test_adapters_are_saved_in_keras_hubs_lora_layout(tmp_path):
+    """A keras-hub backbone's own `save_lora_weights` file reads back as adapters, and ours round-trips."""
+    import keras_hub
+
+    bert = keras_hub.models.BertBackbone(vocabulary_size=16, num_layers=1, num_heads=2, hidden_dim=8,
+                                         intermediate_dim=16, max_sequence_length=8)
+    bert.enable_lora(2)
+    for variable in bert.trainable_weights:
+        variable.assign(RNG.normal(size=variable.shape))
+    bert.save_lora_weights(tmp_path / "bert.lora.h5")
+    adapters = load_adapters(tmp_path / "bert.lora.h5")
+    layers = weighted_layers(bert)
+    lora = {i for i, layer in enumerate(layers) if getattr(layer, "lora_enabled", False)}
+    assert set(adapters) == lora and len(lora) == 2  # query and value
+    for index, (a, b) in adapters.items():
+        own_a, own_b = lora_pair(layers[index])
+        np.testing.assert_allclose(a, own_a, rtol=1e-6)
+        np.testing.assert_allclose(b, own_b, rtol=1e-6)
+    save_adapters(adapters, tmp_path / "again.lora.h5")
+    again = load_adapters(tmp_path / "again.lora.h5")
+    assert all(np.array_equal(again[i][j], adapters[i][j]) for i in adapters for j in (0, 1))
+    with pytest.raises(ValueError, match="must end in `.lora.h5`"):
+        save_adapters(adapters, tmp_path / "adapters.h5")
