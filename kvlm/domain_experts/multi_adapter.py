@@ -14,6 +14,7 @@ from keras import ops
 from kvlm.domain_experts.adapters import check_adaptable, per_example_delta, pre_activation, weighted_layers
 from kvlm.layers.moe.keys import key_logits, l2_normalize
 
+
 def base_token_ids(token_ids, base_vocabulary_size: int, unknown_id: int):
     """`token_ids` as the base's tokenizer sees them: words it lacks become its unknown id."""
     token_ids = ops.cast(token_ids, "int32")
@@ -45,7 +46,7 @@ class AdapterExperts(keras.layers.Layer):
 
     Each example is routed on the base's encoders (`routing_feature`, `route`): to the expert whose
     key fits it best among those whose abstention threshold it passes, else to the base. It then
-    runs through the same backbone once more, where every adapted layer adds its expert's
+    runs through the whole backbone, where every adapted layer adds its expert's
     low-rank term (`per_example_delta`), its words use the expert's own rows (words it does not
     know, the base's unknown row) and its answers come from the expert's own head; an example
     routed to the base gets the base's answers. Slot 0 of every stacked weight is the base's.
