@@ -170,7 +170,7 @@ def markdown(results: dict) -> str:
         f"MoE minus dense held-out accuracy: {moe['accuracy'] - dense['accuracy']:+.4f} "
         f"({'MoE >= dense' if moe['accuracy'] >= dense['accuracy'] else 'MoE < dense'}).",
         "",
-        f"Experts (trainable parameters each): "
+        "Experts (trainable parameters each): "
         + ", ".join(f"{k} {v:,}" for k, v in moe["params"]["experts"].items())
         + f"; dense FFN {setup['dense_ffn_params']:,}; router {moe['params']['router']:,}. Active per token ="
         " total minus the experts a token does not use (a range because expert sizes differ by up to 26).",
