@@ -111,3 +111,23 @@ def test_adapters_are_saved_in_keras_hubs_lora_layout(tmp_path):
     assert all(np.array_equal(again[i][j], adapters[i][j]) for i in adapters for j in (0, 1))
     with pytest.raises(ValueError, match="must end in `.lora.h5`"):
         save_adapters(adapters, tmp_path / "adapters.h5")
+
+
+def test_routing_takes_the_best_admitting_expert_and_abstains_to_the_base():
+    """Three experts' Gaussian keys around three directions (log-likelihoods near 8 at their centres)."""
+    from kvlm.domain_experts.multi_adapter import route
+    from kvlm.layers.moe.keys import gaussian_key
+
+    keys = np.stack([gaussian_key(c + 0.05 * RNG.normal(size=(200, 3))) for c in np.eye(3)])
+    features = keras.ops.convert_to_tensor(
+        np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0.98, 0.2, 0], [-1, 0, 0]], "float32"))
+
+    def slots(thresholds):
+        return keras.ops.convert_to_numpy(route(features, keys, np.array(thresholds, "float32"))).tolist()
+
+    # Expert 2's threshold is above what its own centre reaches; the opposite direction fits no key.
+    assert slots([-50.0, -50.0, 20.0]) == [1, 2, 0, 1, 0]
+    # Admitted by every key (a threshold no input misses), each goes to its most likely expert.
+    assert slots([-1e4, -1e4, -1e4]) == [1, 2, 3, 1, 3]
+    # Admitted by none: all to the base.
+    assert slots([20.0, 20.0, 20.0]) == [0, 0, 0, 0, 0]
