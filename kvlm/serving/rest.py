@@ -162,7 +162,9 @@ class RestHandlers:
             return {
                 "model_spec": json_format.MessageToDict(response.model_spec, preserving_proto_field_name=True,
                                                         always_print_fields_with_no_presence=True),
-                "metadata": {"signature_def": json_format.MessageToDict(signatures, preserving_proto_field_name=True)},
+                # TF Serving prints every field, its empty `defaults` maps and `unknown_rank: false` included.
+                "metadata": {"signature_def": json_format.MessageToDict(
+                    signatures, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)},
             }
         signature_name = body.get("signature_name", "")
         if not isinstance(signature_name, str):

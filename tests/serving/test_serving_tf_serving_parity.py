@@ -227,6 +227,10 @@ def test_rest_versions_labels_named_inputs_and_metadata(hp_server):
     signature = metadata["metadata"]["signature_def"]["signature_def"]["serving_default"]
     assert signature["inputs"]["x"]["dtype"] == "DT_FLOAT"
     assert signature["method_name"] == "tensorflow/serving/predict"
+    # As TF Serving prints it: every field, empty ones included.
+    assert signature["defaults"] == {}
+    assert signature["inputs"]["x"]["tensor_shape"] == {"dim": [{"size": "-1", "name": ""}, {"size": "1", "name": ""}],
+                                                        "unknown_rank": False}
 
 
 @pytest.mark.parametrize(
