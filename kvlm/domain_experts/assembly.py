@@ -19,6 +19,15 @@ def fusion_blocks(base: keras.Model) -> list[FusionBlock]:
     return [backbone.get_layer(f"fusion_block_{i}") for i in range(backbone.num_fusion_layers)]
 
 
+def backbone_copy(base: keras.Model) -> keras.Model:
+    """A new backbone with the base classifier's backbone's config and weights (its own layers)."""
+    from kvlm.models.backbone import VLMBackbone
+
+    backbone = VLMBackbone.from_config(base.backbone.get_config())
+    backbone.set_weights(base.backbone.get_weights())
+    return backbone
+
+
 def branch_block(block: FusionBlock, ffn: keras.layers.Layer, d_model: int) -> FusionBlock:
     """A copy of `block` (attention weights copied, frozen) whose feed-forward is `ffn`."""
     copy = FusionBlock(block.hidden_dim, block.num_heads, block.intermediate_dim, block.dropout, ffn=ffn,

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 
 from kvlm.domain_experts.assembly import (
+    backbone_copy,
     assemble,
     branch_block,
     expert_head,
@@ -113,6 +114,11 @@ def install_experts(
         experts = installed_experts(None if experts == "installed" else [experts])
     elif experts and all(isinstance(e, str) for e in experts):
         experts = installed_experts(experts)
+    for expert in experts:
+        check_base(expert, base.fingerprint)
+    names = [e.name for e in experts]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Each expert can be installed once. Received: experts={names}")
     kinds = {e.kind for e in experts}
     if len(kinds) > 1:
         raise ValueError(
@@ -124,14 +130,8 @@ def install_experts(
         if router != "keys":
             raise ValueError(f"Adapter experts route by their keys. Received: router={router!r}")
         return _install_adapters(base, experts)
-    base_print, general_keys = base.fingerprint, base.keys
-    vocabulary, answers = base.vocabulary, base.answers
+    general_keys, vocabulary, answers = base.keys, base.vocabulary, base.answers
     base = base.model
-    for expert in experts:
-        check_base(expert, base_print)
-    names = [e.name for e in experts]
-    if len(set(names)) != len(names):
-        raise ValueError(f"Each expert can be installed once. Received: experts={names}")
     new_words = list(dict.fromkeys(w for e in experts for w in e.words if w not in vocabulary))
     new_answers = list(dict.fromkeys(a for e in experts for a in e.answers if a not in answers))
     d_model = base.backbone.hidden_dim
@@ -163,18 +163,11 @@ def install_experts(
 
 
 def _install_adapters(base: Base, experts: Sequence[DomainExpert]) -> InstalledModel:
-    """`install_experts` for adapter experts (see there)."""
-    from kvlm.models.backbone import VLMBackbone
-
-    for expert in experts:
-        check_base(expert, base.fingerprint)
+    """`install_experts` for adapter experts whose base and names are checked (see there)."""
     names = [e.name for e in experts]
-    if len(set(names)) != len(names):
-        raise ValueError(f"Each expert can be installed once. Received: experts={names}")
     vocabulary = base.vocabulary + list(dict.fromkeys(w for e in experts for w in e.words if w not in base.vocabulary))
     answers = base.answers + list(dict.fromkeys(a for e in experts for a in e.answers if a not in base.answers))
-    backbone = VLMBackbone.from_config(base.model.backbone.get_config())
-    backbone.set_weights(base.model.backbone.get_weights())
+    backbone = backbone_copy(base.model)
     shapes = {}
     for expert in experts:
         for index, (a, b) in expert.adapters.items():

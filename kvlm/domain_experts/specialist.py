@@ -12,6 +12,7 @@ from keras import ops
 
 from kvlm.domain_experts.adapters import adaptable_indices, enable_adapters, lora_pair, weighted_layers
 from kvlm.domain_experts.assembly import (
+    backbone_copy,
     assemble,
     branch_block,
     expert_head,
@@ -65,10 +66,7 @@ def adapter_specialist_model(base: keras.Model, num_words: int, answers: Sequenc
     embedding rows and its own answer head over `answers` (initialized from the base's columns
     for the answers the base has, zero for the others).
     """
-    from kvlm.models.backbone import VLMBackbone
-
-    backbone = VLMBackbone.from_config(base.backbone.get_config())
-    backbone.set_weights(base.backbone.get_weights())
+    backbone = backbone_copy(base)
     indices = adaptable_indices(backbone, targets)
     enable_adapters(backbone, rank, indices)
     layers = weighted_layers(backbone)
