@@ -395,11 +395,18 @@ class ModelManager:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._refresh_lock = threading.Lock()
+        # Called with no arguments after each refresh and reload (health statuses follow them).
+        self.listeners: list[Callable[[], None]] = []
 
     def refresh(self) -> None:
         with self._refresh_lock:
             for model in self.models.values():
                 model.refresh()
+        self._notify()
+
+    def _notify(self) -> None:
+        for listener in self.listeners:
+            listener()
 
     def reload(self, configs: list[ModelConfig]) -> None:
         """Serves exactly `configs` (HandleReloadConfigRequest): new models are loaded, dropped ones
@@ -420,6 +427,7 @@ class ModelManager:
             self.models = models
             for model in models.values():
                 model.refresh()
+        self._notify()
         logger.info("Reloaded the model config: serving %s", sorted(wanted))
 
     def start(self) -> None:

@@ -4,6 +4,11 @@
     GET  /v1/models/{name}[/versions/{v}|/labels/{l}]/metadata   model metadata
     POST /v1/models/{name}[/versions/{v}|/labels/{l}]:predict|classify|regress
     GET  {prometheus path}                                       metrics (with a monitoring config)
+    GET  /v2/health/live, /v2/health/ready                       probes (Open Inference Protocol)
+    GET  /v2/models/{name}[/versions/{v}]/ready                  whether a model can answer
+
+A probe's answer is its status code, with an empty body: 200 for yes, 400 for no
+(`kvlm.serving.health`); the health endpoints need no bearer token.
 
 Errors are `{"error": "..."}` with TF Serving's HTTP codes (400 for a bad request,
 404 for an unknown model or path, 429 when a limit is reached, ...). The server
@@ -35,6 +40,7 @@ from tensorflow_serving.apis import (
 
 from kvlm.serving.config import ServerOptions, TLSConfig
 from kvlm.serving.errors import ServingError, invalid
+from kvlm.serving.health import Readiness
 from kvlm.serving.json_tensors import fill_input, float_json, request_arrays, response_json
 from kvlm.serving.metrics import CONTENT_TYPE
 from kvlm.serving.service import DEFAULT_SIGNATURE, InferenceService
@@ -91,8 +97,9 @@ def ssl_context(tls: TLSConfig) -> ssl.SSLContext:
 class RestHandlers:
     """The request handlers: JSON in, `InferenceService` call in a worker thread, JSON out."""
 
-    def __init__(self, service: InferenceService, options: ServerOptions):
+    def __init__(self, service: InferenceService, readiness: Readiness, options: ServerOptions):
         self.service = service
+        self.readiness = readiness
         self.options = options
         self.timeout = options.rest_api_timeout_seconds
         self._pool = futures.ThreadPoolExecutor(options.grpc_max_threads, thread_name_prefix="rest")
@@ -102,6 +109,10 @@ class RestHandlers:
         app = web.Application(client_max_size=self.options.max_message_bytes, middlewares=[self._errors])
         if self.options.prometheus_path:
             app.router.add_get(self.options.prometheus_path, self.metrics)
+        app.router.add_get("/v2/health/live", self.live)
+        app.router.add_get("/v2/health/ready", self.ready)
+        app.router.add_get("/v2/models/{name}/ready", self.model_ready)
+        app.router.add_get(r"/v2/models/{name}/versions/{version:\d+}/ready", self.model_ready)
         app.router.add_route("*", "/{tail:.*}", self.models)
         return app
 
@@ -119,11 +130,35 @@ class RestHandlers:
         body = self.service.metrics.exposition()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
-    async def models(self, request: web.Request) -> web.Response:
+    async def live(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def ready(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self.readiness.server_ready() else 400)
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        denied = self._denied(request)
+        if denied is not None:
+            return denied
+        version = request.match_info.get("version")
+        try:
+            ready = self.readiness.model_ready(request.match_info["name"], int(version) if version else None)
+        except ServingError as error:
+            return _error(HTTP_STATUS.get(error.code, 500), error.message)
+        return web.Response(status=200 if ready else 400)
+
+    def _denied(self, request: web.Request) -> web.Response | None:
+        """The 401 answer to a request without the bearer token, when one is configured."""
         if self._expected is not None:
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, self._expected):
                 return _error(401, "Missing or wrong bearer token in the 'Authorization' header.")
+        return None
+
+    async def models(self, request: web.Request) -> web.Response:
+        denied = self._denied(request)
+        if denied is not None:
+            return denied
         match = _PATH.fullmatch(request.path)
         verb = match and match["verb"]
         if match is None or (request.method == "POST") != bool(verb) or request.method not in ("GET", "POST"):
@@ -201,10 +236,10 @@ class RestHandlers:
 class RestServer:
     """Runs `RestHandlers` on `host:port` in a thread with its own event loop."""
 
-    def __init__(self, service: InferenceService, options: ServerOptions):
+    def __init__(self, service: InferenceService, readiness: Readiness, options: ServerOptions):
         self.options = options
         self.host = options.rest_host
-        self.handlers = RestHandlers(service, options)
+        self.handlers = RestHandlers(service, readiness, options)
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, name="rest", daemon=True)

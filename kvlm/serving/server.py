@@ -3,7 +3,8 @@
 Implements every `tensorflow.serving.PredictionService` method (Predict, Classify,
 Regress, MultiInference, GetModelMetadata) and `tensorflow.serving.ModelService`
 (GetModelStatus, HandleReloadConfigRequest) with the generated stubs of
-`tensorflow-serving-api`, so stock TF Serving clients work unchanged. Each Predict
+`tensorflow-serving-api`, so stock TF Serving clients work unchanged, and the gRPC
+health-checking protocol (`grpc.health.v1.Health`, see `kvlm.serving.health`). Each Predict
 response carries trailing metadata `kvlm-batch-size`: the number of examples in the
 batch the request ran in (more than the request's own size when batching merged it).
 """
@@ -18,10 +19,12 @@ from concurrent import futures
 
 import grpc
 import tensorflow as tf
+from grpc_health.v1 import health_pb2_grpc
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
 from kvlm.serving.config import ServerOptions
 from kvlm.serving.errors import ServingError
+from kvlm.serving.health import HEALTH_METHOD_PREFIX, HealthService, Readiness
 from kvlm.serving.metrics import Metrics
 from kvlm.serving.models import ModelManager
 from kvlm.serving.service import InferenceService
@@ -86,7 +89,8 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
 
 
 class _TokenAuth(grpc.ServerInterceptor):
-    """Rejects calls without `authorization: Bearer <token>` metadata (UNAUTHENTICATED)."""
+    """Rejects calls without `authorization: Bearer <token>` metadata (UNAUTHENTICATED), health
+    checks excepted."""
 
     def __init__(self, token: str):
         self._expected = f"Bearer {token}".encode()
@@ -97,6 +101,8 @@ class _TokenAuth(grpc.ServerInterceptor):
         self._deny = grpc.unary_unary_rpc_method_handler(deny)
 
     def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method.startswith(HEALTH_METHOD_PREFIX):
+            return continuation(handler_call_details)
         for key, value in handler_call_details.invocation_metadata or ():
             if key == "authorization" and hmac.compare_digest(str(value).encode(), self._expected):
                 return continuation(handler_call_details)
@@ -120,6 +126,8 @@ class Server:
             options.models, options.batching, options.file_system_poll_wait_seconds, self.metrics
         )
         self.service = InferenceService(self.manager, self.metrics, options.max_image_pixels, options.max_decode_bytes)
+        self.readiness = Readiness(self.manager)
+        self.health: HealthService | None = None
         self.port: int | None = None
         self.rest_port: int | None = None
         self._grpc: grpc.Server | None = None
@@ -130,6 +138,8 @@ class Server:
         """Loads the models, opens the port and returns it (useful with `port=0`)."""
         options = self.options
         self.manager.start()
+        self.health = HealthService(self.readiness)
+        self.manager.listeners.append(self.health.update)
         interceptors = [_TokenAuth(options.auth_token)] if options.auth_token else []
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=options.grpc_max_threads, thread_name_prefix="grpc"),
@@ -142,6 +152,7 @@ class Server:
         )
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(self.service), self._grpc)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.service), self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         address = f"{options.host}:{options.port}"
         if options.tls:
             tls = options.tls
@@ -161,7 +172,7 @@ class Server:
         if options.rest_api_port is not None:
             from kvlm.serving.rest import RestServer
 
-            self._rest = RestServer(self.service, options)
+            self._rest = RestServer(self.service, self.readiness, options)
             try:
                 self.rest_port = self._rest.start()
             except OSError as error:
@@ -177,10 +188,14 @@ class Server:
         return self.manager.stats()
 
     def stop(self, grace: float | None = None) -> None:
-        """Stops taking calls, lets in-flight ones finish (up to `grace` seconds), unloads models."""
+        """Reports not ready, stops taking calls, lets in-flight ones finish (up to `grace`
+        seconds), unloads models."""
         if self._stopped.is_set():
             return
         self._stopped.set()
+        self.readiness.stopping.set()
+        if self.health is not None:
+            self.health.shut_down()
         grace = self.options.shutdown_grace_seconds if grace is None else grace
         if self._rest is not None:
             self._rest.stop(grace)
