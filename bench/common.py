@@ -15,6 +15,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+# Interleaved timing rounds of `batch_ms`.
+COST_ROUNDS = 30
 
 # The options several benchmarks take, with their types (the defaults are each script's own).
 TRAINING_OPTIONS = {
@@ -83,3 +85,20 @@ def write_results(output_dir: str | Path, name: str, result: dict, markdown: str
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     (output / f"{name}.md").write_text(markdown, encoding="utf-8")
     return path
+
+
+def batch_ms(runs: dict, rounds: int = COST_ROUNDS) -> dict[str, float]:
+    """Median milliseconds of one compiled forward pass per `{name: (model, inputs)}`, rounds interleaved."""
+    import numpy as np
+    import tensorflow as tf
+
+    calls = {name: (tf.function(lambda x, m=model: m(x, training=False)), inputs) for name, (model, inputs) in runs.items()}
+    times = {name: [] for name in runs}
+    for call, inputs in calls.values():
+        call(inputs)  # trace
+    for _ in range(rounds):
+        for name, (call, inputs) in calls.items():
+            start = time.perf_counter()
+            np.asarray(call(inputs))
+            times[name].append(1000 * (time.perf_counter() - start))
+    return {name: float(np.median(t)) for name, t in times.items()}

@@ -1,22 +1,37 @@
-"""Domain experts trained against the released base, installed with no host training.
+"""Adapter experts trained against the released base, installed with no host training, over three seeds.
 
-    python bench/domain_experts.py [--train-size 6000] [--eval-size 1000] [--epochs 6]
+    python bench/domain_experts.py [--train-size 6000] [--eval-size 1000] [--epochs 6] [--digit-epochs 20] [--seeds 0 1 2]
 
-For every domain dataset of the installed plugins (medical, legal, retail), an expert is
-trained with the base `kvlm_tiny_vqa` frozen (`kvlm train --task domain_expert`), then all
-of them are installed into the base at once (`install_experts`: router keys, no gradient
-step) and measured on held-out splits. Beside them: what routing had to beat (a Gaussian
-per domain on 4x4-pooled raw pixels, no model at all); two experts trained on the same medical
-images with different question sets, installed together; the same experts with random keys
-(every key drawn around the keys' common mean, so routing is near chance); the base
-fine-tuned on all domains jointly (one shared branch, the three experts' steps); and a merge of
-the experts under learned top-2 routers in the manner of Branch-Train-MiX, where only the
-routers train (the paper fine-tunes every weight of the merged model), on the mixed domains
-and general data for one expert's steps. One seed. Writes bench/results/domain_experts.json and .md.
+Per seed, every expert is `kvlm train --task domain_expert` (the default kind: LoRA adapters
+through the whole path, its own words and answer head) with the base `kvlm_tiny_vqa` frozen:
+
+- the plugins' domains (legal, medical, retail), installed at once, measured on held-out splits,
+  with where routing sends them (on the image part of the routing feature alone, on the question
+  part alone, and on both as the model does);
+- `pixel_control`: a Gaussian per domain on 4x4-pooled raw pixels, no model at all (what routing
+  had to beat);
+- `same_images`: two experts trained on the same medical scans with different question sets,
+  installed together;
+- `abstain`: each domain's held-out inputs with only the other experts installed (and the digits
+  folder with the three), against the experts' own held-out inputs;
+- `own_folder`: scikit-learn's real digits as a user's folder (`bench/own_folder_expert.py`),
+  installed beside the three, against the same folder trained end to end (`kvlm train --data-dir`);
+- `new_domain`: the digits asked with words and answers the base has none of;
+- `cost`: the installed model's time per batch of 64 with eight experts against one;
+- controls and baselines: random keys (each expert keyed on a random sample of every domain's
+  inputs, so routing knows nothing of the domains), one adapter set trained on the three domains
+  jointly (the three experts' steps), and Branch-Train-MiX as the paper runs it: experts branched
+  from the base (FFN experts), merged under learned top-2 routers, then every weight of the merged
+  model but the base's answer columns trained on the mixed data for one expert's steps.
+
+Top-level figures are means over the seeds; `spread` holds their standard deviations and
+`per_seed` every seed's results. Writes bench/results/domain_experts.json and .md.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,9 +40,22 @@ import common
 import numpy as np
 
 DOMAINS = ("legal", "medical", "retail")
-NEW_DOMAIN = "retail"  # reported as `new_domain`: the domain with the fewest answers the base already has
 # Two question sets about the same medical images (`same_images`), by question prefix.
 QUESTION_SETS = {"findings": ("how many", "which organ", "what size"), "lesions": ("what kind", "which side", "is there")}
+TARGETS = {  # figure: (path in the results, at least / at most, bound)
+    "own-folder specialist": (("own_folder", "specialist"), ">=", 0.97),
+    "own-folder installed / specialist": (("own_folder", "installed_over_specialist"), ">=", 0.98),
+    "legal specialist": (("domains", "legal", "specialist"), ">=", 0.95),
+    "medical specialist": (("domains", "medical", "specialist"), ">=", 0.95),
+    "retail specialist": (("domains", "retail", "specialist"), ">=", 0.95),
+    "same-images routing": (("same_images", "routing"), ">=", 0.95),
+    "same-images accuracy / specialist": (("same_images", "accuracy_over_specialist"), ">=", 0.95),
+    "unseen to general": (("abstain", "unseen_to_general"), ">=", 0.95),
+    "in-domain kept": (("abstain", "in_domain_kept"), ">=", 0.98),
+    "general accuracy drop": (("general_accuracy_drop",), "<=", 0.01),
+    "cost ratio, eight experts / one": (("cost", "ratio"), "<=", 1.3),
+    "host training steps": (("host_training_steps",), "<=", 0),
+}
 
 
 def _pooled_pixels(examples) -> np.ndarray:
@@ -83,19 +111,25 @@ def same_image_folders(root: Path, size: int, seed: int) -> dict[str, Path]:
     return folders
 
 
-def _train(name: str, domain: str, names: list[str] | None, args, root: Path, scale: int = 1,
-           data_dir: Path | None = None) -> Path:
-    """A `kvlm train --task domain_expert` run on the datasets `names` (or the folder `data_dir`);
+def new_domain_question(index: int, digit: int) -> tuple[str, str]:
+    """A digit scan asked with words and answers the base has none of."""
+    if index % 2 == 0:
+        return "handwritten numeral?", str(digit)
+    return "numeral parity?", "even" if digit % 2 == 0 else "odd"
+
+
+def _train(name: str, root: Path, seed: int, epochs: int, train_size: int | None = None, eval_size: int | None = None,
+           datasets: list[str] | None = None, data_dir: Path | None = None, domain: str | None = None,
+           task: str = "domain_expert", kind: str = "adapters") -> Path:
+    """A `kvlm train` run (by default `--task domain_expert`) on `datasets` or the folder `data_dir`;
     returns its folder."""
     from kvlm.runs import TrainConfig
     from kvlm.training import fit
 
-    config = TrainConfig(
-        task="domain_expert", output=str(root / name), datasets=names, data_dir=str(data_dir) if data_dir else None,
-        train_size=args.train_size * scale,
-        eval_size=args.eval_size * scale, epochs=args.epochs, seed=args.seed,
-        task_options={"expert_name": name, "domain": domain, "kind": "ffn"},
-    )
+    options = {"expert_name": name, "domain": domain or name, "kind": kind} if task == "domain_expert" else {}
+    config = TrainConfig(task=task, output=str(root / name), datasets=datasets,
+                         data_dir=str(data_dir) if data_dir else None, train_size=train_size, eval_size=eval_size,
+                         epochs=epochs, seed=seed, task_options=options)
     fit(config, verbose=0, checkpoint=False)
     return root / name
 
@@ -109,269 +143,442 @@ def _examples(run_dir: Path) -> tuple[list, list]:
     return load_examples(resolve_config(read_config(run_dir)))
 
 
+def _expert(run_dir: Path):
+    from kvlm.domain_experts import DomainExpert
+    from kvlm.tasks.domain_expert.task import EXPERT_DIR
+
+    return DomainExpert.load(run_dir / EXPERT_DIR)
+
+
+def _slot_shares(installed, examples, image_size: int) -> dict[str, float]:
+    """Share of `examples` each of the installed model's slots answers (`general`: the base)."""
+    from kvlm.domain_experts.report import GENERAL, routed_slots
+
+    slots = routed_slots(installed.model, examples, installed.tokenizer, image_size)
+    shares = np.bincount(slots, minlength=len(installed.experts) + 1) / len(slots)
+    return dict(zip([GENERAL, *installed.experts], shares.round(4).tolist()))
+
+
+def _features(base, examples, tokenizer) -> np.ndarray:
+    """The base's routing features of `examples` (tokenized with the installed `tokenizer`)."""
+    from kvlm.data import make_dataset
+    from kvlm.domain_experts.routing import base_routing_features
+
+    labels = sorted({e.answer for e in examples})
+    return base_routing_features(base, make_dataset(list(examples), tokenizer, labels, base.image_size, 256))
+
+
+def _marginal_key(key: np.ndarray, part: slice) -> np.ndarray:
+    """The Gaussian key `(d + 1, d)` of the `part` coordinates of a Gaussian key's features."""
+    factor = key[1:].astype(np.float64)
+    covariance = np.linalg.inv(factor @ factor.T)[part, part]
+    return np.concatenate([key[0, part][None], np.linalg.cholesky(np.linalg.inv(covariance))]).astype("float32")
+
+
+def split_routing(experts, features: dict[str, np.ndarray], own_features: dict[str, np.ndarray]) -> dict:
+    """Where each domain's features go when routed on the image half or the question half of the
+    routing feature alone: each expert's key and abstention threshold (`ABSTAIN_QUANTILE` of its
+    own held-out features) restricted to that half; `general` when none admits."""
+    from keras import ops
+
+    from kvlm.domain_experts.multi_adapter import route
+    from kvlm.domain_experts.report import GENERAL
+    from kvlm.domain_experts.routing import abstention_threshold
+
+    width = next(iter(features.values())).shape[1] // 2
+    split = {}
+    for part_name, part in (("image", slice(0, width)), ("text", slice(width, 2 * width))):
+        keys = [_marginal_key(e.keys[0], part) for e in experts]
+        thresholds = [abstention_threshold(k, own_features[e.name][:, part]) for k, e in zip(keys, experts)]
+        split[part_name] = {}
+        for domain, x in features.items():
+            slots = ops.convert_to_numpy(route(ops.convert_to_tensor(x[:, part]), np.stack(keys), np.float32(thresholds)))
+            shares = np.bincount(slots, minlength=len(experts) + 1) / len(slots)
+            split[part_name][domain] = dict(zip([GENERAL, *[e.name for e in experts]], shares.round(4).tolist()))
+    return split
+
+
+def random_keyed(base, experts, pooled: np.ndarray, rng: np.random.Generator) -> list:
+    """`experts` each keyed (Gaussian key and abstention threshold) on its own random sample of
+    `pooled`, routing features of every domain's inputs mixed: routing that knows no domain."""
+    from kvlm.domain_experts.routing import abstention_threshold
+    from kvlm.layers.moe.keys import gaussian_key
+
+    keyed = []
+    for expert in experts:
+        sample = pooled[rng.choice(len(pooled), size=len(pooled) // 2, replace=False)]
+        key = gaussian_key(sample)
+        keyed.append(replace(expert, keys=key[None], threshold=abstention_threshold(key, sample)))
+    return keyed
+
+
 def _btx(base, experts, train, steps: int, batch_size: int, learning_rate: float):
-    """Branch-Train-MiX: the experts merged under learned top-2 routers, trained on `train` for
-    `steps` steps (only the routers train); returns the merged `InstalledModel`."""
+    """Branch-Train-MiX: the branched (FFN) experts merged under learned top-2 routers, then every
+    weight of the merged model trained on `train` for `steps` steps; returns the `InstalledModel`."""
     import keras
 
     from kvlm.data import make_dataset
     from kvlm.domain_experts import install_experts
+    from kvlm.runs import TrainConfig
+    from kvlm.tasks.base import make_optimizer
 
-    from kvlm.layers import FusionBlock
-
-    merged = install_experts(base, experts, router="learned")
+    merged = install_experts(base, experts, router="learned")  # shares the base's layers: pass a copy
     model = merged.model
-    for layer in model.layers:  # in the fusion blocks only the routers are trainable
-        layer.trainable = isinstance(layer, FusionBlock)
-    assert all("router_kernel" in w.path for w in model.trainable_weights)
-    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, steps)
-    model.compile(keras.optimizers.AdamW(schedule), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    for layer in model._flatten_layers():  # every weight but those made frozen: the base's answer columns
+        layer.trainable = True
+    model.compile(make_optimizer(TrainConfig(learning_rate=learning_rate), steps),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     data = make_dataset(train, merged.tokenizer, merged.answers, base.image_size, batch_size, shuffle=True, seed=0)
     model.fit(data.repeat(), steps_per_epoch=steps, epochs=1, shuffle=False, verbose=0)
-    return merged
+    return merged, len(model.trainable_weights), len(model.weights)
 
 
-def main() -> None:
-    parser = common.training_parser(__doc__, train_size=6000, eval_size=1000, epochs=6, seed=0)
-    args = parser.parse_args()
+def _cost(base, experts, examples: list) -> dict:
+    """Time per batch of 64 of the base with one expert installed against eight (the experts under
+    eight names), interleaved in one process."""
+    from kvlm.data import make_dataset
+    from kvlm.domain_experts import install_experts
 
-    import tempfile
+    eight = [replace(experts[i % len(experts)], name=f"expert_{i}") for i in range(8)]
+    one, many = install_experts(base, experts[:1]), install_experts(base, eight)
+    labels = sorted({e.answer for e in examples})
 
+    def batch(installed):
+        return next(iter(make_dataset(examples[:64], installed.tokenizer, labels, base.image_size, 64)))[0]
+
+    ms = common.batch_ms({"one": (one.model, batch(one)), "eight": (many.model, batch(many))})
+    return {"one_expert_ms": round(ms["one"], 2), "eight_experts_ms": round(ms["eight"], 2),
+            "ratio": round(ms["eight"] / ms["one"], 3)}
+
+
+def seed_results(seed: int, args, base, datasets: dict[str, str], root: Path, baselines: bool = True) -> dict:
+    """Every figure of one seed (the joint and BTX baselines when `baselines`)."""
     import keras
 
-    from kvlm.data import shapes
-    from kvlm.domain_experts import Base, DomainExpert, install_experts
-    from kvlm.runs import load_run
-    from kvlm.tasks.domain_expert.task import EXPERT_DIR
-    from kvlm.domain_experts.report import domain_datasets, routing_shares
+    from kvlm.data import load_folder, shapes
+    from kvlm.domain_experts import Base, install_experts
+    from kvlm.domain_experts.report import GENERAL
+    from kvlm.runs import TrainConfig, load_run
     from kvlm.training.evaluation import answer_accuracy
+    from kvlm.training.examples import mix_datasets
+    from own_folder_expert import write_digit_folders
 
-    keras.utils.set_random_seed(args.seed)
-    base = Base.load("kvlm_tiny_vqa")
+    keras.utils.set_random_seed(seed)
+    root = root / f"seed_{seed}"
     size = base.image_size
-    general = shapes.generate(args.eval_size, seed=1000 + args.seed)
-    workspace = tempfile.TemporaryDirectory(prefix="kvlm-domain-experts-")
-    root = Path(workspace.name)
-    datasets = domain_datasets(DOMAINS)
-    missing = sorted(set(DOMAINS) - set(datasets))
-    if missing:
-        raise SystemExit(f"no installed dataset of the {', '.join(missing)} domain (pip install kvlm-<domain>)")
+    sizes = {"train_size": args.train_size, "eval_size": args.eval_size}
+    general = shapes.generate(args.eval_size, seed=1000 + seed)
+
+    def accuracy(installed, examples):
+        return answer_accuracy(installed.model, examples, installed.tokenizer, installed.answers, size)
 
     started = time.perf_counter()
-    runs = {d: _train(d, d, [datasets[d]], args, root) for d in DOMAINS}
+    runs = {d: _train(d, root, seed, args.epochs, datasets=[datasets[d]], **sizes) for d in DOMAINS}
     training_seconds = time.perf_counter() - started
-    experts = [DomainExpert.load(runs[d] / EXPERT_DIR) for d in DOMAINS]
+    experts = [_expert(runs[d]) for d in DOMAINS]
     splits = {d: _examples(runs[d]) for d in DOMAINS}
     held_out = {d: splits[d][1] for d in DOMAINS}
 
-    started = time.perf_counter()
     installed = install_experts(base, experts)
-    install_seconds = time.perf_counter() - started
-    tokenizer, answers = installed.tokenizer, installed.answers
     optimizer = getattr(installed.model, "optimizer", None)
     host_steps = 0 if optimizer is None else int(optimizer.iterations)
-    names = ["general", *DOMAINS]
-
-    def merged_accuracy(examples):
-        return answer_accuracy(installed.model, examples, tokenizer, answers, size)
-
-    base_general = answer_accuracy(base.model, general, base.tokenizer, base.answers, size)
-    merged_general = merged_accuracy(general)
+    base_general, merged_general = (answer_accuracy(base.model, general, base.tokenizer, base.answers, size),
+                                    accuracy(installed, general))
+    features = {name: _features(base, examples, installed.tokenizer)
+                for name, examples in {GENERAL: general, **held_out}.items()}
+    split = split_routing(experts, features, {d: features[d] for d in DOMAINS})
     per_domain = {}
     for d, expert in zip(DOMAINS, experts):
         per_domain[d] = {
             "base": answer_accuracy(base.model, held_out[d], base.tokenizer, base.answers, size),
             "specialist": expert.metrics["accuracy"],
-            "installed": merged_accuracy(held_out[d]),
-            "routing": routing_shares(installed.model, held_out[d], tokenizer, answers, size, names),
+            "installed": accuracy(installed, held_out[d]),
+            "routing": {"all": _slot_shares(installed, held_out[d], size),
+                        "image": split["image"][d], "text": split["text"][d]},
         }
-    general_routing = routing_shares(installed.model, general, tokenizer, answers, size, names)
+    general_routing = {"all": _slot_shares(installed, general, size),
+                       "image": split["image"][GENERAL], "text": split["text"][GENERAL]}
 
-    # Control: the same experts with random keys. Every key (the general one too) is the keys' common
-    # Gaussian (mean of the means, mean of the precisions) with its mean moved by a random draw of
-    # the keys' own spread: routing that knows nothing of the domains, near chance.
-    rng = np.random.default_rng(args.seed)
-    all_keys = np.stack([base.keys] + [e.keys for e in experts])  # (experts + 1, blocks + 1, d + 1, d)
-    mean_key = all_keys.mean(axis=0)
-    spread = all_keys[:, :, 0, :].std(axis=0)
-
-    def random_key():
-        keys = mean_key.copy()
-        keys[:, 0, :] += rng.normal(size=spread.shape) * spread
-        return keys
-
-    randomized = install_experts(replace(base, keys=random_key()), [replace(e, keys=random_key()) for e in experts])
-    random_control = {
-        d: {"installed": answer_accuracy(randomized.model, held_out[d], randomized.tokenizer, randomized.answers, size),
-            "routing_to_own_expert": routing_shares(randomized.model, held_out[d], randomized.tokenizer,
-                                              randomized.answers, size, names)["all"][d]}
-        for d in DOMAINS
-    }
-    random_control["general_accuracy"] = answer_accuracy(randomized.model, general, randomized.tokenizer,
-                                                         randomized.answers, size)
-
-    # Control: cosine keys (each Gaussian key's mean alone, as in mean-feature routing).
-    cosine_base = replace(base, keys=base.keys[:, 0, :])
-    cosine = install_experts(cosine_base, [replace(e, keys=e.keys[:, 0, :]) for e in experts])
-    cosine_control = {
-        d: {"installed": answer_accuracy(cosine.model, held_out[d], cosine.tokenizer, cosine.answers, size),
-            "routing_to_own_expert": routing_shares(cosine.model, held_out[d], cosine.tokenizer, cosine.answers,
-                                                    size, names)["all"][d]}
-        for d in DOMAINS
-    }
-    cosine_control["general_accuracy"] = answer_accuracy(cosine.model, general, cosine.tokenizer, cosine.answers,
-                                                         size)
-    cosine_control["general_routing_to_general"] = routing_shares(cosine.model, general, cosine.tokenizer,
-                                                                  cosine.answers, size, names)["all"]["general"]
+    # Control: every expert keyed on a random half of all domains' inputs, the base's among them.
+    rng = np.random.default_rng(seed)
+    pooled = np.concatenate([features[name] for name in features])
+    randomized = install_experts(base, random_keyed(base, experts, pooled, rng))
+    random_control = {d: {"installed": accuracy(randomized, held_out[d]),
+                          "routing_to_own_expert": _slot_shares(randomized, held_out[d], size)[d]} for d in DOMAINS}
+    random_control["general_accuracy"] = accuracy(randomized, general)
 
     # What routing had to beat: the domains told apart from raw pixels alone.
-    train_sets = {"general": shapes.generate(args.train_size, seed=args.seed, image_size=size)}
-    train_sets |= {d: splits[d][0] for d in DOMAINS}
-    pixels = pixel_control(train_sets, {"general": general} | held_out)
+    train_sets = {GENERAL: shapes.generate(args.train_size, seed=seed, image_size=size)}
+    pixels = pixel_control(train_sets | {d: splits[d][0] for d in DOMAINS}, {GENERAL: general} | held_out)
 
     # Two experts on the same images, told apart only by what is asked.
-    from kvlm.runs import TrainConfig
-
-    folders = same_image_folders(root, round(args.train_size / (1 - TrainConfig.eval_fraction)), args.seed)
-    same_runs = {name: _train(f"medical_{name}", "medical", None, args, root, data_dir=folder)
+    folders = same_image_folders(root, round(args.train_size / (1 - TrainConfig.eval_fraction)), seed)
+    same_runs = {name: _train(f"medical_{name}", root, seed, args.epochs, data_dir=folder, domain="medical", **sizes)
                  for name, folder in folders.items()}
-    same_experts = [DomainExpert.load(same_runs[name] / EXPERT_DIR) for name in folders]
-    same_held_out = {name: _examples(same_runs[name])[1] for name in folders}
+    same_experts = [_expert(run) for run in same_runs.values()]
     both = install_experts(base, same_experts)
-    same_names = ["general", *[e.name for e in same_experts]]
     same_images = {"experts": {}}
-    for name, expert in zip(folders, same_experts):
-        examples = same_held_out[name]
-        accuracy = answer_accuracy(both.model, examples, both.tokenizer, both.answers, size)
-        same_images["experts"][expert.name] = {
-            "specialist": expert.metrics["accuracy"], "installed": accuracy,
-            "routing": routing_shares(both.model, examples, both.tokenizer, both.answers, size, same_names)["all"],
-        }
-    rows = same_images["experts"].values()
-    same_images["routing"] = round(float(np.mean([r["routing"][n] for n, r in same_images["experts"].items()])), 4)
+    for run, expert in zip(same_runs.values(), same_experts):
+        examples = _examples(run)[1]
+        same_images["experts"][expert.name] = {"specialist": expert.metrics["accuracy"],
+                                               "installed": accuracy(both, examples),
+                                               "routing": _slot_shares(both, examples, size)}
+    rows = same_images["experts"]
+    same_images["routing"] = round(float(np.mean([r["routing"][n] for n, r in rows.items()])), 4)
     same_images["accuracy_over_specialist"] = round(
-        float(np.mean([r["installed"] / max(r["specialist"], 1e-9) for r in rows])), 4)
+        float(np.mean([r["installed"] / max(r["specialist"], 1e-9) for r in rows.values()])), 4)
 
-    # Comparison: one dense branch fine-tuned on all domains jointly, with the three experts' steps.
-    joint = load_run(_train("joint", "all", [datasets[d] for d in DOMAINS], args, root, scale=len(DOMAINS)))
-    joint_results = {
-        d: answer_accuracy(joint.model, held_out[d], joint.tokenizer, joint.answers, size) for d in DOMAINS
-    } | {"general": answer_accuracy(joint.model, general, joint.tokenizer, joint.answers, size)}
+    # A user's own folder of real images, and the same images asked in words the base never saw.
+    digits_train, digits_test = write_digit_folders(root / "digits", seed)
+    digits_run = _train("digits", root, seed, args.digit_epochs, data_dir=digits_train, domain="handwritten digits")
+    full_run = _train("digits_full_finetune", root, seed, args.digit_epochs, data_dir=digits_train, task="vqa")
+    digits_expert = _expert(digits_run)
+    with_digits = install_experts(base, experts + [digits_expert])
+    digits_examples = load_folder(digits_test)
+    specialist, full = load_run(digits_run), load_run(full_run)
+    own_folder = {
+        "specialist": answer_accuracy(specialist.model, digits_examples, specialist.tokenizer, specialist.answers, size),
+        "installed": accuracy(with_digits, digits_examples),
+        "full_finetune": answer_accuracy(full.model, digits_examples, full.tokenizer, full.answers, size),
+        "routing_to_own_expert": _slot_shares(with_digits, digits_examples, size)["digits"],
+    }
+    own_folder["installed_over_specialist"] = round(own_folder["installed"] / max(own_folder["specialist"], 1e-9), 4)
 
-    # Comparison: BTX, the experts merged under learned routers trained on the mixed data.
-    from kvlm.training.examples import mix_datasets
+    new_train, new_test = write_digit_folders(root / "new_domain", seed, ask=new_domain_question)
+    new_run = _train("numerals", root, seed, args.digit_epochs, data_dir=new_train, domain="numerals")
+    new_expert = _expert(new_run)
+    with_new = install_experts(base, experts + [new_expert])
+    new_examples = load_folder(new_test)
+    new_specialist = load_run(new_run)
+    question_words = {w.strip("?") for e in new_examples for w in e.question.lower().split()}
+    new_domain = {
+        "domain": "numerals (the digits folder asked in new words)",
+        "new_words": len(new_expert.words), "answers": len(new_expert.answers),
+        "question_words_in_base": len(question_words & set(base.vocabulary)),
+        "answers_in_base": len({e.answer for e in new_examples} & set(base.answers)),
+        "before": answer_accuracy(base.model, new_examples, base.tokenizer, base.answers, size),
+        "after": accuracy(with_new, new_examples),
+        "specialist": answer_accuracy(new_specialist.model, new_examples, new_specialist.tokenizer,
+                                      new_specialist.answers, size),
+        "general_after": accuracy(with_new, general),
+    }
 
-    mixed = mix_datasets([datasets[d] for d in DOMAINS], args.train_size * len(DOMAINS), len(DOMAINS), args.seed, size)[0] + shapes.generate(args.train_size, seed=args.seed, image_size=size)
-    btx_steps = args.epochs * (args.train_size // 64)
-    started = time.perf_counter()
-    btx = _btx(base, experts, mixed, btx_steps, 64, 3e-3)
-    btx_seconds = time.perf_counter() - started
-    btx_results = {
-        d: answer_accuracy(btx.model, held_out[d], btx.tokenizer, btx.answers, size) for d in DOMAINS
-    } | {"general": answer_accuracy(btx.model, general, btx.tokenizer, btx.answers, size),
-         "host_training_steps": btx_steps, "training_seconds": round(btx_seconds, 1)}
+    # Abstention: inputs of a domain no installed expert was trained for go to the base.
+    unseen = {d: _slot_shares(install_experts(base, [e for e in experts if e.name != d]), held_out[d], size)[GENERAL]
+              for d in DOMAINS}
+    unseen["digits"] = _slot_shares(installed, digits_examples, size)[GENERAL]
+    kept = {d: per_domain[d]["routing"]["all"][d] for d in DOMAINS}
+    abstain = {"unseen_to_general": round(float(np.mean(list(unseen.values()))), 4),
+               "in_domain_kept": round(float(np.mean(list(kept.values()))), 4),
+               "unseen": unseen, "kept": kept, "general_kept_by_base": general_routing["all"][GENERAL]}
 
+    mixed_batch = [e for group in [general, *held_out.values()] for e in group[:16]]
     results = {
-        "routing_to_own_expert": {d: per_domain[d]["routing"]["all"][d] for d in DOMAINS},
-        "accuracy_over_specialist": {
-            d: round(per_domain[d]["installed"] / max(per_domain[d]["specialist"], 1e-9), 4) for d in DOMAINS
-        },
+        "routing_to_own_expert": kept,
+        "accuracy_over_specialist": {d: round(per_domain[d]["installed"] / max(per_domain[d]["specialist"], 1e-9), 4)
+                                     for d in DOMAINS},
         "general_accuracy_drop": round(base_general - merged_general, 4),
         "host_training_steps": host_steps,
         "pixel_control": pixels,
         "same_images": same_images,
-        "new_domain": {
-            "domain": NEW_DOMAIN,
-            "new_words": len(experts[DOMAINS.index(NEW_DOMAIN)].words),
-            "new_answers": len(experts[DOMAINS.index(NEW_DOMAIN)].answers),
-            "answers_in_base": len({e.answer for e in held_out[NEW_DOMAIN]} & set(base.answers)),
-            "before": per_domain[NEW_DOMAIN]["base"],
-            "after": per_domain[NEW_DOMAIN]["installed"],
-            "specialist": per_domain[NEW_DOMAIN]["specialist"],
-        },
+        "abstain": abstain,
+        "own_folder": own_folder,
+        "new_domain": new_domain,
+        "cost": _cost(base, experts, mixed_batch),
         "general_accuracy": {"base": base_general, "installed": merged_general},
         "domains": per_domain,
         "general_routing": general_routing,
         "random_key_control": random_control,
-        "cosine_key_control": cosine_control,
-        "joint_fine_tune": joint_results,
-        "btx_learned_router": btx_results,
-        "experts": {e.name: {"new_words": len(e.words), "new_answers": len(e.answers),
-                             "answers_in_base": len({x.answer for x in held_out[e.name]} & set(base.answers)),
-                             "answers": len({x.answer for x in held_out[e.name]})} for e in experts},
-        "config": {"base": "kvlm_tiny_vqa", "base_fingerprint": base.fingerprint, "train_size": args.train_size,
-                   "eval_size": args.eval_size, "epochs": args.epochs, "seed": args.seed,
-                   "expert_training_seconds": round(training_seconds, 1),
-                   "install_seconds": round(install_seconds, 2), "keras_backend": keras.backend.backend()},
+        "experts": {e.name: {"new_words": len(e.words), "answers": len(e.answers),
+                             "answers_in_base": len(set(e.answers) & set(base.answers))} for e in experts},
+        "expert_training_seconds": round(training_seconds, 1),
     }
-    workspace.cleanup()
-    markdown = _markdown(results, names)
-    common.write_results(common.RESULTS, "domain_experts", results, markdown)
+    if not baselines:
+        return results
+
+    # Baseline: one adapter set trained on the three domains jointly, with the three experts' steps.
+    joint = load_run(_train("joint", root, seed, args.epochs, datasets=[datasets[d] for d in DOMAINS],
+                            domain="all", train_size=args.train_size * len(DOMAINS),
+                            eval_size=args.eval_size * len(DOMAINS)))
+    joint_results = {d: answer_accuracy(joint.model, held_out[d], joint.tokenizer, joint.answers, size)
+                     for d in DOMAINS}
+    joint_results["general"] = answer_accuracy(joint.model, general, joint.tokenizer, joint.answers, size)
+
+    # Baseline: Branch-Train-MiX, every weight of the merged model trained.
+    branches = [_expert(_train(f"{d}_branch", root, seed, args.epochs, datasets=[datasets[d]], kind="ffn", **sizes))
+                for d in DOMAINS]
+    mixed = mix_datasets([datasets[d] for d in DOMAINS], args.train_size * len(DOMAINS), len(DOMAINS), seed, size)[0]
+    mixed += shapes.generate(args.train_size, seed=seed, image_size=size)
+    btx_steps = args.epochs * (args.train_size // 64)
+    started = time.perf_counter()
+    btx, trainable, weights = _btx(Base.load("kvlm_tiny_vqa"), branches, mixed, btx_steps, 64, 1e-3)
+    btx_results = {d: accuracy(btx, held_out[d]) for d in DOMAINS} | {
+        "general": accuracy(btx, general), "host_training_steps": btx_steps,
+        "trainable_weights": trainable, "weights": weights,
+        "training_seconds": round(time.perf_counter() - started, 1)}
+
+    return results | {"joint_fine_tune": joint_results, "btx_learned_router": btx_results}
+
+
+def _combine(per_seed: list, reduce) -> object:
+    """`per_seed` results merged leaf by leaf (each key over the seeds that have it): numbers by
+    `reduce`, anything else from the first seed."""
+    first = per_seed[0]
+    if isinstance(first, dict):
+        keys = list(dict.fromkeys(k for r in per_seed for k in r))
+        return {k: _combine([r[k] for r in per_seed if k in r], reduce) for k in keys}
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        value = reduce(per_seed)
+        return None if value is None else round(float(value), 4)
+    return first
+
+
+def _get(results: dict, path: tuple[str, ...]):
+    for key in path:
+        results = results[key]
+    return results
+
+
+def main() -> None:
+    parser = common.training_parser(__doc__, train_size=6000, eval_size=1000, epochs=6, output=common.RESULTS)
+    parser.add_argument("--digit-epochs", type=int, default=20,
+                        help="epochs of the digits experts and full fine-tune (as bench/own_folder_expert.py)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--baseline-seeds", type=int, nargs="+", default=None,
+                        help="seeds that also run the joint and BTX baselines (default: every seed)")
+    args = parser.parse_args()
+    common.use_tensorflow(__file__)
+
+    import tempfile
+
+    import keras
+
+    from kvlm.domain_experts import Base
+    from kvlm.domain_experts.report import domain_datasets
+
+    started = time.perf_counter()
+    base = Base.load("kvlm_tiny_vqa")
+    datasets = domain_datasets(DOMAINS)
+    missing = sorted(set(DOMAINS) - set(datasets))
+    if missing:
+        raise SystemExit(f"no installed dataset of the {', '.join(missing)} domain (pip install kvlm-<domain>)")
+    partial = Path(tempfile.gettempdir()) / "kvlm-domain-experts-seeds.json"  # kept should a later seed fail
+    with tempfile.TemporaryDirectory(prefix="kvlm-domain-experts-") as workspace:
+        per_seed = []
+        for seed in args.seeds:
+            baselines = args.baseline_seeds is None or seed in args.baseline_seeds
+            per_seed.append(seed_results(seed, args, base, datasets, Path(workspace), baselines))
+            partial.write_text(json.dumps(per_seed), encoding="utf-8")
+            print(f"seed {seed} done in {time.perf_counter() - started:.0f} s (results so far: {partial})", flush=True)
+    config = {"base": "kvlm_tiny_vqa", "base_fingerprint": base.fingerprint, "train_size": args.train_size,
+              "eval_size": args.eval_size, "epochs": args.epochs, "digit_epochs": args.digit_epochs,
+              "seeds": args.seeds, "baseline_seeds": args.baseline_seeds or args.seeds,
+              "command": " ".join(["python bench/domain_experts.py", *sys.argv[1:]]),
+              "keras_backend": keras.backend.backend(), "machine": common.machine(),
+              "total_seconds": round(time.perf_counter() - started, 1)}
+    results = summarise(per_seed, config)
+    markdown = _markdown(results)
+    common.write_results(args.output, "domain_experts", results, markdown)
     print(markdown)
 
 
-def _markdown(r: dict, names: list[str]) -> str:
+def summarise(per_seed: list[dict], config: dict) -> dict:
+    """The seeds' results: means, `spread` (standard deviations; None for a figure of one seed),
+    `targets` (each target's mean and whether it is met), `per_seed` and `config`."""
+    results = _combine(per_seed, np.mean)
+    results["spread"] = _combine(per_seed, lambda v: np.std(v, ddof=1) if len(v) > 1 else None)
+    results["targets"] = {}
+    for name, (path, sense, bound) in TARGETS.items():
+        value = _get(results, path)
+        results["targets"][name] = {"value": value, "bound": f"{sense} {bound}",
+                                    "met": bool(value >= bound if sense == ">=" else value <= bound)}
+    results["per_seed"] = dict(zip(map(str, config["seeds"]), per_seed))
+    results["config"] = config
+    return results
+
+
+def _pm(results: dict, path: tuple[str, ...]) -> str:
+    """`mean ± std` of the figure at `path` (the figure alone where one seed measured it)."""
+    spread = _get(results["spread"], path)
+    return f"{_get(results, path):.3f}" + ("" if spread is None else f" ± {spread:.3f}")
+
+
+def _markdown(r: dict) -> str:
+    c = r["config"]
+    names = ["general", *DOMAINS]
     lines = [
-        "# Domain experts installed into the released base (`python bench/domain_experts.py`)",
+        "# Adapter experts installed into the released base (`python bench/domain_experts.py`)",
         "",
-        f"Base `kvlm_tiny_vqa` ({r['config']['base_fingerprint']}); each expert trained on "
-        f"{r['config']['train_size']} examples x {r['config']['epochs']} epochs with the base frozen; "
-        f"held-out {r['config']['eval_size']} per domain. Host training steps after installing: "
-        f"{r['host_training_steps']}.",
+        f"Base `kvlm_tiny_vqa` ({c['base_fingerprint']}); each expert trained on {c['train_size']} examples x "
+        f"{c['epochs']} epochs with the base frozen (LoRA adapters through the whole path); held-out {c['eval_size']} "
+        f"per domain; seeds {', '.join(map(str, c['seeds']))}: mean ± standard deviation. Host training steps after "
+        f"installing: {r['host_training_steps']:.0f}. {c['machine']}, {c['total_seconds'] / 60:.0f} min.",
         "",
-        "| domain | base alone | specialist | installed (all experts) | installed / specialist | routed to own expert | joint fine-tune | learned routers (BTX-style) | random keys (routed to own) | cosine keys (routed to own) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| domain | base alone | specialist | installed (all experts) | installed / specialist | routed to own expert | "
+        "joint adapters | BTX | random keys (routed to own) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for d, v in r["domains"].items():
+    for d in DOMAINS:
+        rk = r["random_key_control"][d]
         lines.append(
-            f"| {d} | {v['base']:.3f} | {v['specialist']:.3f} | {v['installed']:.3f} | "
-            f"{r['accuracy_over_specialist'][d]:.3f} | {r['routing_to_own_expert'][d]:.3f} | "
-            f"{r['joint_fine_tune'][d]:.3f} | {r['btx_learned_router'][d]:.3f} | "
-            f"{r['random_key_control'][d]['installed']:.3f} ({r['random_key_control'][d]['routing_to_own_expert']:.3f}) | "
-            f"{r['cosine_key_control'][d]['installed']:.3f} "
-            f"({r['cosine_key_control'][d]['routing_to_own_expert']:.3f}) |"
-        )
-    g = r["general_accuracy"]
+            f"| {d} | {_pm(r, ('domains', d, 'base'))} | {_pm(r, ('domains', d, 'specialist'))} | "
+            f"{_pm(r, ('domains', d, 'installed'))} | {_pm(r, ('accuracy_over_specialist', d))} | "
+            f"{_pm(r, ('routing_to_own_expert', d))} | {_pm(r, ('joint_fine_tune', d))} | {_pm(r, ('btx_learned_router', d))} | "
+            f"{rk['installed']:.3f} ({rk['routing_to_own_expert']:.3f}) |")
     lines += [
-        f"| general (shapes) | {g['base']:.3f} | - | {g['installed']:.3f} | drop {r['general_accuracy_drop']:.4f} | "
-        f"{r['general_routing']['all']['general']:.3f} | {r['joint_fine_tune']['general']:.3f} | "
-        f"{r['btx_learned_router']['general']:.3f} | "
-        f"{r['random_key_control']['general_accuracy']:.3f} | {r['cosine_key_control']['general_accuracy']:.3f} "
-        f"({r['cosine_key_control']['general_routing_to_general']:.3f}) |",
+        f"| general (shapes) | {_pm(r, ('general_accuracy', 'base'))} | - | {_pm(r, ('general_accuracy', 'installed'))} "
+        f"| drop {_pm(r, ('general_accuracy_drop',))} | {_pm(r, ('general_routing', 'all', 'general'))} | "
+        f"{_pm(r, ('joint_fine_tune', 'general'))} | {_pm(r, ('btx_learned_router', 'general'))} | "
+        f"{r['random_key_control']['general_accuracy']:.3f} |",
         "",
-        f"Joint fine-tune: one branch of the base trained on the three domains mixed ({3 * r['config']['train_size']} "
-        f"examples x {r['config']['epochs']} epochs). Learned routers (BTX-style): the same experts merged under "
-        f"learned top-2 routers; only the routers train, for {r['btx_learned_router']['host_training_steps']} host "
-        f"steps on the domains and general data ({r['btx_learned_router']['training_seconds']} s); Branch-Train-MiX "
-        "itself fine-tunes every weight of the merged model. Random keys: every key the keys' common Gaussian with "
-        "its mean moved at random by the keys' own spread. One seed.",
+        f"Baselines measured on seed{'s' if len(c['baseline_seeds']) > 1 else ''} "
+        f"{', '.join(map(str, c['baseline_seeds']))}. "
+        f"Joint adapters: one adapter set trained on the three domains mixed ({len(DOMAINS)} x {c['train_size']} "
+        f"examples x {c['epochs']} epochs). BTX (Branch-Train-MiX): experts branched from the base and trained apart "
+        f"(FFN experts), merged under learned top-2 routers, then every weight of the merged model trained for "
+        f"{r['btx_learned_router']['host_training_steps']:.0f} host steps on the domains and general data mixed "
+        f"({r['btx_learned_router']['trainable_weights']:.0f} of {r['btx_learned_router']['weights']:.0f} weights: all but the "
+        "MoE statistics, the head's keys and the base's answer columns). Random keys: each "
+        "expert keyed, threshold included, on a random half of all four domains' inputs.",
         "",
         f"What routing had to beat: a Gaussian per domain on 4x4-pooled raw pixels, no model at all, tells the "
-        f"held-out images of the four domains apart at {r['pixel_control']['accuracy']:.3f} ("
-        + ", ".join(f"{d} {v:.3f}" for d, v in r["pixel_control"]["domains"].items()) + "): the shipped domains "
-        "differ by their backgrounds.",
+        f"held-out images of the four domains apart at {_pm(r, ('pixel_control', 'accuracy'))}.",
+        "",
+        "| | figure | target |",
+        "|---|---|---|",
+        f"| same images: routed to the expert of the question's set | {_pm(r, ('same_images', 'routing'))} | >= 0.95 |",
+        f"| same images: installed / specialist | {_pm(r, ('same_images', 'accuracy_over_specialist'))} | >= 0.95 |",
+        f"| abstain: an unseen domain's inputs to the base | {_pm(r, ('abstain', 'unseen_to_general'))} | >= 0.95 |",
+        f"| abstain: the experts' own inputs kept | {_pm(r, ('abstain', 'in_domain_kept'))} | >= 0.98 |",
+        f"| own folder (digits): specialist | {_pm(r, ('own_folder', 'specialist'))} | >= 0.97 |",
+        f"| own folder: installed | {_pm(r, ('own_folder', 'installed'))} | >= 0.98 of specialist "
+        f"({_pm(r, ('own_folder', 'installed_over_specialist'))}) |",
+        f"| own folder: full fine-tune (`kvlm train --data-dir`) | {_pm(r, ('own_folder', 'full_finetune'))} | - |",
+        f"| new domain: base alone / installed / specialist | {_pm(r, ('new_domain', 'before'))} / "
+        f"{_pm(r, ('new_domain', 'after'))} / {_pm(r, ('new_domain', 'specialist'))} | - |",
+        f"| cost: batch of 64, one expert / eight (ms) | {_pm(r, ('cost', 'one_expert_ms'))} / "
+        f"{_pm(r, ('cost', 'eight_experts_ms'))}, ratio {_pm(r, ('cost', 'ratio'))} | ratio <= 1.3 |",
         "",
         "Same images: two medical experts trained on the same scans with different question sets ("
-        + "; ".join(f"{n}: {', '.join(p)}" for n, p in QUESTION_SETS.items()) + "), installed together: "
-        f"{r['same_images']['routing']:.3f} of their held-out tokens go to the expert of the question's set, and "
-        f"they keep {r['same_images']['accuracy_over_specialist']:.3f} of their specialists' accuracy ("
-        + ", ".join(f"{n} {v['installed']:.3f} against {v['specialist']:.3f}" for n, v in r["same_images"]["experts"].items())
-        + ").",
+        + "; ".join(f"{n}: {', '.join(p)}" for n, p in QUESTION_SETS.items()) + "). Abstain: each domain's held-out "
+        "inputs with the other two experts installed, and the digits with the three (" + ", ".join(
+            f"{d} {v:.3f}" for d, v in r["abstain"]["unseen"].items()) + "). New domain: the digits asked "
+        f"\"handwritten numeral?\" (answers 0-9) and \"numeral parity?\" ({r['new_domain']['question_words_in_base']:.0f} "
+        f"question words and {r['new_domain']['answers_in_base']:.0f} answers in the base's).",
         "",
-        "New words and answers per expert (answers its held-out data has in all, and of them the base's): "
-        + ", ".join(f"{n} {v['new_words']} words, {v['new_answers']} new answers of {v['answers']} "
-                    f"({v['answers_in_base']} the base's)" for n, v in r["experts"].items()) + ".",
+        "Targets: " + "; ".join(f"{n} {t['value']:.3f} ({t['bound']}: {'met' if t['met'] else 'not met'})"
+                                for n, t in r["targets"].items()) + ".",
         "",
-        "Routing heatmap: share of each data's real tokens per expert over all MoE blocks, as the model routes "
-        "(all: each sequence on all its tokens); with each sequence routed on its image tokens alone (image) or "
-        "its text tokens alone (text); and the share of sequences whose answers the head takes from each expert (head).",
+        "Routing heatmap: share of each domain's held-out examples each expert answers (`general`: the base), as "
+        "the model routes (all), and on the image half or the question half of the routing feature alone (each "
+        "expert's key and threshold restricted to that half).",
         "",
         "| data | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(names),
     ]
-    rows = [("general", r["general_routing"])] + [(d, v["routing"]) for d, v in r["domains"].items()]
+    rows = [("general", r["general_routing"])] + [(d, r["domains"][d]["routing"]) for d in DOMAINS]
     for label, routing in rows:
-        for kind in ("all", "image", "text", "head"):
+        for kind in ("all", "image", "text"):
             lines.append(f"| {label} ({kind}) | " + " | ".join(f"{routing[kind][n]:.3f}" for n in names) + " |")
     return "\n".join(lines) + "\n"
 

@@ -15,29 +15,10 @@ bench/results/installed_experts.json and .md.
 from __future__ import annotations
 
 import argparse
-import time
 
 import common
 
 COST_BATCH = 64
-COST_ROUNDS = 30
-
-
-def batch_ms(runs: dict, rounds: int = COST_ROUNDS) -> dict[str, float]:
-    """Median milliseconds of one compiled forward pass per `{name: (model, inputs)}`, rounds interleaved."""
-    import numpy as np
-    import tensorflow as tf
-
-    calls = {name: (tf.function(lambda x, m=model: m(x, training=False)), inputs) for name, (model, inputs) in runs.items()}
-    times = {name: [] for name in runs}
-    for call, inputs in calls.values():
-        call(inputs)  # trace
-    for _ in range(rounds):
-        for name, (call, inputs) in calls.items():
-            start = time.perf_counter()
-            np.asarray(call(inputs))
-            times[name].append(1000 * (time.perf_counter() - start))
-    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def main() -> None:
@@ -90,13 +71,13 @@ def main() -> None:
     one, many = install_experts(base, experts[:1]), install_experts(base, eight)
     mixed = [e for group in sets.values() for e in group[: COST_BATCH // len(sets)]]
     labels = sorted({e.answer for e in mixed})
-    ms = batch_ms({name: (m.model, next(iter(make_dataset(mixed, m.tokenizer, labels, base.image_size, COST_BATCH)))[0])
+    ms = common.batch_ms({name: (m.model, next(iter(make_dataset(mixed, m.tokenizer, labels, base.image_size, COST_BATCH)))[0])
                    for name, m in (("one", one), ("eight", many))}
                   | {"base": (base.model, next(iter(make_dataset(mixed, base.tokenizer, labels, base.image_size,
                                                                    COST_BATCH)))[0])})
     results["cost"] = {"one_expert_ms": round(ms["one"], 2), "eight_experts_ms": round(ms["eight"], 2),
                        "ratio": round(ms["eight"] / ms["one"], 3), "base_alone_ms": round(ms["base"], 2),
-                       "batch": COST_BATCH, "rounds": COST_ROUNDS}
+                       "batch": COST_BATCH, "rounds": common.COST_ROUNDS}
     lines = [
         "# The first-party experts installed into the released base (`python bench/installed_experts.py`)",
         "",
@@ -117,7 +98,7 @@ def main() -> None:
     lines += [f"| {pair} | {row['to_base']:.3f} | {row['to_image_expert']:.3f} | {row['to_question_expert']:.3f} |"
               for pair, row in results["mismatched"].items()]
     cost = results["cost"]
-    lines += ["", f"Cost of experts (batch {COST_BATCH}, TensorFlow, median of {COST_ROUNDS} interleaved runs): one expert "
+    lines += ["", f"Cost of experts (batch {COST_BATCH}, TensorFlow, median of {common.COST_ROUNDS} interleaved runs): one expert "
               f"installed {cost['one_expert_ms']:.1f} ms, eight {cost['eight_experts_ms']:.1f} ms, ratio {cost['ratio']:.3f} "
               f"(the base alone {cost['base_alone_ms']:.1f} ms)."]
     markdown = "\n".join(lines + [""])

@@ -28,8 +28,16 @@ import numpy as np
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
-def write_digit_folders(root: Path, seed: int = 0) -> tuple[Path, Path]:
-    """The digits as `root/train` and `root/test` folders of PNGs with `annotations.jsonl`."""
+def digit_question(index: int, digit: int) -> tuple[str, str]:
+    """The question and answer asked about digit scan `index`: its name, or whether it is even."""
+    if index % 2 == 0:
+        return "what digit is handwritten here?", WORDS[digit]
+    return "is the handwritten digit even or odd?", "even" if digit % 2 == 0 else "odd"
+
+
+def write_digit_folders(root: Path, seed: int = 0, ask=digit_question) -> tuple[Path, Path]:
+    """The digits as `root/train` and `root/test` folders of PNGs with `annotations.jsonl`, each
+    scan asked `ask(index, digit) -> (question, answer)`."""
     from PIL import Image
     from sklearn.datasets import load_digits
 
@@ -47,8 +55,7 @@ def write_digit_folders(root: Path, seed: int = 0) -> tuple[Path, Path]:
             name = f"images/{i:04d}.png"
             image.save(folder / name)
             digit = int(digits.target[i])
-            question, answer = (("what digit is handwritten here?", WORDS[digit]) if i % 2 == 0
-                                else ("is the handwritten digit even or odd?", "even" if digit % 2 == 0 else "odd"))
+            question, answer = ask(int(i), digit)
             lines.append(json.dumps({"image": name, "question": question, "answer": answer}))
         (folder / "annotations.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
         folders.append(folder)
