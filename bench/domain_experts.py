@@ -198,7 +198,7 @@ def split_routing(experts, features: dict[str, np.ndarray], own_features: dict[s
     return split
 
 
-def random_keyed(base, experts, pooled: np.ndarray, rng: np.random.Generator) -> list:
+def random_keyed(experts, pooled: np.ndarray, rng: np.random.Generator) -> list:
     """`experts` each keyed (Gaussian key and abstention threshold) on its own random sample of
     `pooled`, routing features of every domain's inputs mixed: routing that knows no domain."""
     from kvlm.domain_experts.routing import abstention_threshold
@@ -302,7 +302,7 @@ def seed_results(seed: int, args, base, datasets: dict[str, str], root: Path, ba
     # Control: every expert keyed on a random half of all domains' inputs, the base's among them.
     rng = np.random.default_rng(seed)
     pooled = np.concatenate([features[name] for name in features])
-    randomized = install_experts(base, random_keyed(base, experts, pooled, rng))
+    randomized = install_experts(base, random_keyed(experts, pooled, rng))
     random_control = {d: {"installed": accuracy(randomized, held_out[d]),
                           "routing_to_own_expert": _slot_shares(randomized, held_out[d], size)[d]} for d in DOMAINS}
     random_control["general_accuracy"] = accuracy(randomized, general)

@@ -41,9 +41,14 @@ class Readiness:
         versions = self.manager.model(name).versions
         return not self.stopping.is_set() and (version in versions if version is not None else bool(versions))
 
+    def models_ready(self) -> dict[str, bool]:
+        """`model_ready` of every served model (one snapshot of the manager's models)."""
+        stopping = self.stopping.is_set()
+        return {name: not stopping and bool(model.versions) for name, model in dict(self.manager.models).items()}
+
     def server_ready(self) -> bool:
         """Whether every configured model has a version AVAILABLE and the server is not stopping."""
-        return not self.stopping.is_set() and all(model.versions for model in self.manager.models.values())
+        return not self.stopping.is_set() and all(self.models_ready().values())
 
 
 class HealthService(health.HealthServicer):
@@ -51,7 +56,7 @@ class HealthService(health.HealthServicer):
     under its name (SERVICE_UNKNOWN once it is no longer served, NOT_FOUND if it never was).
 
     Statuses follow the model manager (`update` runs after each of its refreshes and before each
-    check), and every one turns NOT_SERVING for good when the server begins to stop.
+    check); `enter_graceful_shutdown` turns every one NOT_SERVING for good when the server stops.
     """
 
     def __init__(self, readiness: Readiness):
@@ -64,10 +69,8 @@ class HealthService(health.HealthServicer):
     def update(self) -> None:
         """Sets each service's status from the manager; watchers hear only of changes."""
         with self._update_lock:
-            server_ready, stopping = self.readiness.server_ready(), self.readiness.stopping.is_set()
-            statuses = dict.fromkeys(SERVER_SERVICES, server_ready)
-            statuses |= {name: not stopping and bool(model.versions)
-                         for name, model in dict(self.readiness.manager.models).items()}
+            statuses = dict.fromkeys(SERVER_SERVICES, self.readiness.server_ready())
+            statuses |= self.readiness.models_ready()
             wanted = {service: SERVING if ready else NOT_SERVING for service, ready in statuses.items()}
             wanted |= {service: SERVICE_UNKNOWN for service in self._statuses if service not in wanted}
             for service, status in wanted.items():
@@ -82,8 +85,3 @@ class HealthService(health.HealthServicer):
     def Watch(self, request, context, send_response_callback=None):
         self.update()
         return super().Watch(request, context, send_response_callback)
-
-    def shut_down(self) -> None:
-        """Every service NOT_SERVING from now on (the server is stopping)."""
-        self.readiness.stopping.set()
-        self.enter_graceful_shutdown()

@@ -195,7 +195,7 @@ class Server:
         self._stopped.set()
         self.readiness.stopping.set()
         if self.health is not None:
-            self.health.shut_down()
+            self.health.enter_graceful_shutdown()
         grace = self.options.shutdown_grace_seconds if grace is None else grace
         if self._rest is not None:
             self._rest.stop(grace)
