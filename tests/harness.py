@@ -115,22 +115,46 @@ import tensorflow as tf
 text = pathlib.Path(importlib.util.find_spec("tensorflow_text").submodule_search_locations[0])
 for library in sorted((text / "python").glob("*/_*.so")):
     tf.load_op_library(str(library))
-requests = json.load(open(sys.argv[2]))
 model = tf.saved_model.load(sys.argv[1])
-outputs = model.signatures["serving_default"](
-    image_bytes=tf.constant([bytes.fromhex(h) for h in requests["images"]]), text=tf.constant(requests["texts"]))
-print(json.dumps({"scores": outputs["scores"].numpy().tolist(), "answers": [a.decode() for a in outputs["answer"].numpy()],
-                  "variables": sorted({v.name.split(":")[0].split("/")[-1] for v in model.variables})}))
+variables = sorted({v.name.split(":")[0].split("/")[-1] for v in model.variables})
+answers = []
+for request in json.load(open(sys.argv[2])):
+    inputs = dict(image_bytes=tf.constant([bytes.fromhex(h) for h in request["images"]]),
+                  text=tf.constant(request["texts"]))
+    try:
+        if request["experts"] is None:
+            outputs = model.signatures["serving_default"](**inputs)
+        else:
+            outputs = model.signatures["choose_experts"](**inputs, experts=tf.constant(request["experts"]))
+    except tf.errors.InvalidArgumentError as error:
+        answers.append({"error": error.message})
+        continue
+    answer = {"scores": outputs["scores"].numpy().tolist(), "answers": [a.decode() for a in outputs["answer"].numpy()],
+              "variables": variables}
+    if "expert" in outputs:
+        answer.update(experts=[e.decode() for e in outputs["expert"].numpy()],
+                      expert_weights=outputs["expert_weight"].numpy().tolist())
+    answers.append(answer)
+print(json.dumps(answers))
 """
 
 
-def serve_without_kvlm(version_dir: str | Path, images: list[bytes], texts: list[str], workdir: Path) -> dict[str, Any]:
-    """A VQA SavedModel's `serving_default` answers in a process that cannot import kvlm or Keras:
-    `{"scores", "answers", "variables"}` (variable names without scopes)."""
-    requests = Path(workdir) / "requests.json"
-    requests.write_text(json.dumps({"images": [i.hex() for i in images], "texts": list(texts)}))
+def serve_without_kvlm(version_dir: str | Path, images: list[bytes], texts: list[str], workdir: Path,
+                       experts: list[str] | None = None) -> dict[str, Any]:
+    """A VQA SavedModel's `serving_default` answers (its `choose_experts` answers, given `experts`)
+    in a process that cannot import kvlm or Keras: `{"scores", "answers", "variables"}` (variable
+    names without scopes), and `"experts"`, `"expert_weights"` for a model with experts installed;
+    `{"error"}` for a request the graph refuses."""
+    return serve_many_without_kvlm(version_dir, [(images, texts, experts)], workdir)[0]
+
+
+def serve_many_without_kvlm(version_dir: str | Path, requests: list[tuple], workdir: Path) -> list[dict[str, Any]]:
+    """`serve_without_kvlm` of each `(images, texts, experts)` request, in one process."""
+    path = Path(workdir) / "requests.json"
+    path.write_text(json.dumps([{"images": [i.hex() for i in images], "texts": list(texts), "experts": experts}
+                                for images, texts, experts in requests]))
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    process = subprocess.run([sys.executable, "-c", _SERVE_WITHOUT_KVLM, str(version_dir), str(requests)],
+    process = subprocess.run([sys.executable, "-c", _SERVE_WITHOUT_KVLM, str(version_dir), str(path)],
                              capture_output=True, text=True, env=env, timeout=300)
     assert process.returncode == 0, process.stderr[-3000:]
     return json.loads(process.stdout.strip().splitlines()[-1])

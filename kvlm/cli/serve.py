@@ -181,8 +181,9 @@ def run_predict(args) -> int:
             answer = _jsonable(outputs["answer"][i])
             correct += answer == example.answer
             mark = "ok" if answer == example.answer else f"expected {example.answer}"
+            expert = f", expert {_jsonable(outputs['expert'][i])}" if "expert" in outputs else ""
             print(f"{Path(example.image_path).name}  {example.question!r} -> {answer} "
-                  f"({float(outputs['score'][i]):.3f}) [{mark}]")
+                  f"({float(outputs['score'][i]):.3f}{expert}) [{mark}]")
         print(f"{correct}/{len(examples)} answered as annotated")
         return 0
     if "scores" in outputs and "labels" in outputs:

@@ -31,13 +31,24 @@ def routing_feature(backbone: keras.Model, images, token_ids):
     return ops.concatenate([image, text], axis=-1)
 
 
-def route(features, keys, thresholds):
-    """Int `(batch,)` slots: `e + 1` for the expert whose Gaussian key gives `features` the highest
-    log-likelihood among those at or above their `thresholds`; 0 (the base) when none is."""
+def route(features, keys, thresholds, allowed=None):
+    """`(slots, weights)` of a batch of routing `features` under the experts' Gaussian `keys`.
+
+    Int `(batch,)` slots: `e + 1` for the expert whose key gives the example the highest
+    log-likelihood among those at or above their `thresholds` (and, with a bool `(batch, experts)`
+    `allowed`, among those the example may use); 0 (the base) when none is. Float32 `(batch,)`
+    weights: the routed expert's posterior among the experts that admit the example (its key
+    likelihoods under equal priors); 1 for the base.
+    """
     logits = key_logits(features, keys)
     fits = ops.greater_equal(logits, ops.cast(thresholds, "float32")[None, :])
-    best = ops.argmax(ops.where(fits, logits, -np.inf), axis=-1)
-    return ops.where(ops.any(fits, axis=-1), ops.cast(best, "int32") + 1, 0)
+    if allowed is not None:
+        fits = ops.logical_and(fits, ops.cast(allowed, "bool"))
+    admitted = ops.where(fits, logits, -1e30)  # finite, so a row nobody admits gives no NaN
+    any_fit = ops.any(fits, axis=-1)
+    slots = ops.where(any_fit, ops.cast(ops.argmax(admitted, axis=-1), "int32") + 1, 0)
+    weights = ops.where(any_fit, ops.exp(ops.max(admitted, axis=-1) - ops.logsumexp(admitted, axis=-1)), 1.0)
+    return slots, ops.cast(weights, "float32")
 
 
 @keras.saving.register_keras_serializable(package="kvlm")
@@ -144,22 +155,29 @@ class AdapterExperts(keras.layers.Layer):
 
         embedding.call = call
 
-    def routed_slots(self, inputs: dict):
-        """Int `(batch,)`: 0 for the base, `e + 1` for expert `e` (see `route`)."""
+    def routed_slots(self, inputs: dict, allowed=None):
+        """`(slots, weights)` of `route`: 0 for the base, `e + 1` for expert `e`."""
         token_ids = base_token_ids(inputs["token_ids"], self.base_vocabulary_size, self.unknown_id)
-        return route(routing_feature(self.backbone, inputs["images"], token_ids), self.router_keys, self.thresholds)
+        features = routing_feature(self.backbone, inputs["images"], token_ids)
+        return route(features, self.router_keys, self.thresholds, allowed)
 
-    def call(self, inputs):
-        slots = self.routed_slots(inputs)
+    def answer(self, inputs: dict, allowed=None):
+        """`(logits, slots, weights)`: the answers' float32 logits and where each example was routed
+        (`routed_slots`); `allowed`, a bool `(batch, experts)`, restricts the experts each may use."""
+        inputs = {"images": ops.convert_to_tensor(inputs["images"]), "token_ids": ops.cast(inputs["token_ids"], "int32")}
+        slots, weights = self.routed_slots(inputs, allowed)
         self._routing.slots = slots
         try:
-            outputs = self.backbone({"images": inputs["images"], "token_ids": ops.cast(inputs["token_ids"], "int32")})
+            outputs = self.backbone(inputs)
         finally:
             self._routing.slots = None
         pooled = ops.cast(outputs["pooled_output"], "float32")
         kernels = ops.take(ops.cast(self.answer_kernels, "float32"), slots, axis=0)
         biases = ops.take(ops.cast(self.answer_biases, "float32"), slots, axis=0)
-        return ops.einsum("bd,bda->ba", pooled, kernels) + biases
+        return ops.einsum("bd,bda->ba", pooled, kernels) + biases, slots, weights
+
+    def call(self, inputs):
+        return self.answer(inputs)[0]
 
     def compute_output_shape(self, input_shape):
         return (input_shape["images"][0], self.num_answers)

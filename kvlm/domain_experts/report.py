@@ -54,7 +54,7 @@ def routed_slots(model: keras.Model, examples: Sequence, tokenizer, image_size: 
     layer = model.get_layer("adapter_experts")
     labels = sorted({e.answer for e in examples})  # routing reads no label
     data = make_dataset(list(examples), tokenizer, labels, image_size, 256)
-    return np.concatenate([keras.ops.convert_to_numpy(layer.routed_slots(inputs)) for inputs, _ in data])
+    return np.concatenate([keras.ops.convert_to_numpy(layer.routed_slots(inputs)[0]) for inputs, _ in data])
 
 
 def routing_report(model: keras.Model, examples: Sequence, tokenizer, answers: Sequence[str], image_size: int,

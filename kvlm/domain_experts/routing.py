@@ -65,8 +65,10 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-# Share of the author's held-out examples an adapter expert's threshold lets fall to the base.
+# Share of the author's unseen examples an adapter expert's threshold lets fall to the base.
 ABSTAIN_QUANTILE = 0.01
+# Folds of the key's own examples scored by keys fitted without them (`abstention_threshold`).
+THRESHOLD_FOLDS = 5
 
 
 def base_routing_features(base: Base, dataset) -> np.ndarray:
@@ -85,7 +87,27 @@ def base_routing_features(base: Base, dataset) -> np.ndarray:
     return np.concatenate(features)
 
 
-def abstention_threshold(key: np.ndarray, held_out_features: np.ndarray, quantile: float = ABSTAIN_QUANTILE) -> float:
-    """The log-likelihood under `key` that all but `quantile` of the author's held-out features reach."""
-    logits = ops.convert_to_numpy(key_logits(ops.convert_to_tensor(held_out_features), key[None]))[:, 0]
-    return float(np.quantile(logits, quantile))
+def abstention_threshold(
+    key_features: np.ndarray, held_out_features: np.ndarray | None = None, quantile: float = ABSTAIN_QUANTILE,
+    folds: int = THRESHOLD_FOLDS, seed: int = 0,
+) -> float:
+    """The log-likelihood that all but `quantile` of the author's unseen examples reach.
+
+    A key scores the examples it was fitted on too well, and a held-out split alone is too
+    small for a 1% quantile, so the quantile is taken over every example the author has, each
+    scored by a key that never saw it: the held-out features (if any) under the key of all
+    `key_features` (what `gaussian_key(key_features)` routes with), and each of `folds` folds
+    of `key_features` under the key fitted on the other folds.
+    """
+    if len(key_features) < 2 * folds:
+        raise ValueError(f"An abstention threshold needs at least {2 * folds} key examples. "
+                         f"Received: {len(key_features)}")
+    logits = [] if held_out_features is None else [_logits(held_out_features, gaussian_key(key_features))]
+    order = np.random.default_rng(seed).permutation(len(key_features))
+    for fold in np.array_split(order, folds):
+        logits.append(_logits(key_features[fold], gaussian_key(np.delete(key_features, fold, axis=0))))
+    return float(np.quantile(np.concatenate(logits), quantile))
+
+
+def _logits(features: np.ndarray, key: np.ndarray) -> np.ndarray:
+    return ops.convert_to_numpy(key_logits(ops.convert_to_tensor(features), key[None]))[:, 0]

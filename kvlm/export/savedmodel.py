@@ -30,16 +30,21 @@ from kvlm.export.signatures import (
     CAPTION_INPUT_NAMES,
     CAPTION_OUTPUT_NAMES,
     CAPTION_SIGNATURE_NAME,
+    CHOOSE_EXPERTS_SIGNATURE_NAME,
     EMBED_FEATURES_SIGNATURE_NAME,
     EMBED_OUTPUT_NAMES,
     EMBED_SIGNATURE_NAME,
+    EXPERT_OUTPUT_NAMES,
+    EXPERTS_INPUT,
     FEATURES_SIGNATURE_NAME,
     INPUT_NAMES,
     OUTPUT_NAMES,
+    ROUTED_FEATURES_SIGNATURE_NAME,
     SIGNATURE_NAME,
     TEXT_INPUT,
     make_caption_function,
     make_embed_function,
+    make_expert_serving_functions,
     make_serving_function,
 )
 from kvlm.export.warmup import WARMUP_DIR, write_warmup_requests
@@ -96,28 +101,46 @@ def write_saved_model(
     def logits(images, token_ids):
         return model({"images": images, "token_ids": token_ids}, training=False)
 
-    logits_fn = archive.add_endpoint(
-        FEATURES_SIGNATURE_NAME,
-        logits,
-        input_signature=[
-            tf.TensorSpec((None, image_size, image_size, 3), tf.float32, name="images"),
-            tf.TensorSpec((None, sequence_length), tf.int32, name="token_ids"),
-        ],
-        **_jax2tf_kwargs(backend, platforms),
-    )
-    serve = make_serving_function(logits_fn, tokenizer, answers, image_size)
-    archive.add_endpoint(SIGNATURE_NAME, serve)
+    features = [
+        tf.TensorSpec((None, image_size, image_size, 3), tf.float32, name="images"),
+        tf.TensorSpec((None, sequence_length), tf.int32, name="token_ids"),
+    ]
+    logits_fn = archive.add_endpoint(FEATURES_SIGNATURE_NAME, logits, input_signature=features,
+                                     **_jax2tf_kwargs(backend, platforms))
+    metadata = {"signature": SIGNATURE_NAME, "inputs": list(INPUT_NAMES), "outputs": list(OUTPUT_NAMES)}
+    experts = _adapter_experts(model)
+    if experts is None:
+        archive.add_endpoint(SIGNATURE_NAME, make_serving_function(logits_fn, tokenizer, answers, image_size))
+    else:
+        def routed(images, token_ids, allowed):
+            return experts.answer({"images": images, "token_ids": token_ids}, allowed)
+
+        routed_fn = archive.add_endpoint(
+            ROUTED_FEATURES_SIGNATURE_NAME, routed,
+            input_signature=[*features, tf.TensorSpec((None, len(experts.experts)), tf.bool, name="allowed")],
+            **_jax2tf_kwargs(backend, platforms),
+        )
+        serve, choose = make_expert_serving_functions(routed_fn, tokenizer, answers, image_size, experts.experts)
+        archive.add_endpoint(SIGNATURE_NAME, serve)
+        archive.add_endpoint(CHOOSE_EXPERTS_SIGNATURE_NAME, choose)
+        metadata["outputs"] += list(EXPERT_OUTPUT_NAMES)
+        metadata["experts"] = list(experts.experts)
+        metadata["choose_experts"] = {"signature": CHOOSE_EXPERTS_SIGNATURE_NAME, "input": EXPERTS_INPUT}
     archive.write_out(str(path), verbose=False)
 
-    return _finish_export(path, model_name, image_size, {
-        "signature": SIGNATURE_NAME,
-        "inputs": list(INPUT_NAMES),
-        "outputs": list(OUTPUT_NAMES),
+    return _finish_export(path, model_name, image_size, metadata | {
         "answers": list(answers),
         "image_size": image_size,
         "sequence_length": sequence_length,
         "keras_backend": backend,
     })
+
+
+def _adapter_experts(model: keras.Model):
+    """The model's `AdapterExperts` layer (adapter experts installed), or None."""
+    from kvlm.domain_experts.multi_adapter import AdapterExperts
+
+    return next((layer for layer in model.layers if isinstance(layer, AdapterExperts)), None)
 
 
 def _finish_export(path: str | Path, model_name: str, image_size: int, metadata: dict) -> Path:

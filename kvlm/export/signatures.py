@@ -12,6 +12,14 @@ Outputs:
         `scores` (the same row repeated: every output keeps the batch dimension,
         which TF Serving's batching requires).
 
+A model with adapter experts installed (`kvlm.domain_experts.AdapterExperts`) also returns, per
+example, `expert` (tf.string: the expert that answered, `base` when no expert took it) and
+`expert_weight` (tf.float32: its routing posterior among the experts that admitted the example;
+1 for the base), and has a `choose_experts` signature: the same inputs plus `experts` (tf.string
+`[batch]`, each a comma-separated list of the experts its example may use; empty: the base only).
+An unknown expert name raises `InvalidArgumentError` naming the experts that exist. Its
+`routed_logits` signature is `logits` with `allowed` (bool `[batch, experts]`) and the routing.
+
 Decoding, resizing and tokenization use `kvlm.data.decode_image`, `resize_image`
 and the keras-hub WordPiece tokenizer (tf-text ops), the same functions as the
 training input pipeline. A corrupt or empty image, an image above
@@ -27,24 +35,27 @@ from collections.abc import Callable, Sequence
 import tensorflow as tf
 
 from kvlm.data.preprocessing import check_image_pixels, decode_image, resize_image
+from kvlm.export.names import (  # noqa: F401  (re-exported: the contract's names)
+    BASE_EXPERT,
+    CAPTION_FEATURES_SIGNATURE_NAME,
+    CAPTION_INPUT_NAMES,
+    CAPTION_OUTPUT_NAMES,
+    CAPTION_SIGNATURE_NAME,
+    CHOOSE_EXPERTS_SIGNATURE_NAME,
+    EMBED_FEATURES_SIGNATURE_NAME,
+    EMBED_OUTPUT_NAMES,
+    EMBED_SIGNATURE_NAME,
+    EXPERTS_INPUT,
+    EXPERT_OUTPUT_NAMES,
+    FEATURES_SIGNATURE_NAME,
+    IMAGE_INPUT,
+    INPUT_NAMES,
+    OUTPUT_NAMES,
+    ROUTED_FEATURES_SIGNATURE_NAME,
+    SIGNATURE_NAME,
+    TEXT_INPUT,
+)
 
-SIGNATURE_NAME = "serving_default"
-FEATURES_SIGNATURE_NAME = "logits"
-IMAGE_INPUT = "image_bytes"
-TEXT_INPUT = "text"
-INPUT_NAMES = (IMAGE_INPUT, TEXT_INPUT)
-OUTPUT_NAMES = ("answer", "score", "scores", "labels")
-# A `DualEncoder` export: `embed` (also its `serving_default`) maps the same inputs to
-# unit-norm float32 `[batch, embedding_dim]` embeddings of each image and each text.
-EMBED_SIGNATURE_NAME = "embed"
-EMBED_FEATURES_SIGNATURE_NAME = "embeddings"
-EMBED_OUTPUT_NAMES = ("image_embedding", "text_embedding")
-# A `Captioner` export: `caption` (also its `serving_default`) maps `image_bytes` alone to
-# greedy-decoded caption strings.
-CAPTION_SIGNATURE_NAME = "caption"
-CAPTION_FEATURES_SIGNATURE_NAME = "caption_token_ids"
-CAPTION_INPUT_NAMES = (IMAGE_INPUT,)
-CAPTION_OUTPUT_NAMES = ("caption",)
 # The largest image (height x width) the serving graph decodes: 4096 x 4096 is 64 MiB as RGBA.
 MAX_IMAGE_PIXELS = 4096 * 4096
 
@@ -103,6 +114,21 @@ def preprocess_inputs(image_bytes: tf.Tensor, text: tf.Tensor, tokenizer, image_
     return images, token_ids
 
 
+def _answers(logits: tf.Tensor, labels: tf.Tensor, batch: tf.Tensor) -> dict[str, tf.Tensor]:
+    """`answer`, `score`, `scores` and `labels` of `(batch, num_answers)` logits."""
+    scores = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
+    best = tf.argmax(scores, axis=-1, output_type=tf.int32)
+    return {
+        "answer": tf.gather(labels, best),
+        "score": tf.gather(scores, best, batch_dims=1),
+        "scores": scores,
+        "labels": tf.tile(labels[tf.newaxis, :], tf.stack([batch, 1])),
+    }
+
+
+_RAW_INPUTS = [tf.TensorSpec([None], tf.string, name=IMAGE_INPUT), tf.TensorSpec([None], tf.string, name=TEXT_INPUT)]
+
+
 def make_serving_function(
     logits_fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
     tokenizer,
@@ -116,28 +142,67 @@ def make_serving_function(
     """
     labels = tf.constant(list(answers), dtype=tf.string)
 
-    @tf.function(
-        input_signature=[
-            tf.TensorSpec([None], tf.string, name=IMAGE_INPUT),
-            tf.TensorSpec([None], tf.string, name=TEXT_INPUT),
-        ],
-        autograph=False,
-    )
+    @tf.function(input_signature=_RAW_INPUTS, autograph=False)
     def serve(image_bytes, text):
-        batch = tf.shape(image_bytes)[0]
         images, token_ids = preprocess_inputs(image_bytes, text, tokenizer, image_size)
-        logits = tf.cast(logits_fn(images, token_ids), tf.float32)
-        scores = tf.nn.softmax(logits, axis=-1)
-        best = tf.argmax(scores, axis=-1, output_type=tf.int32)
-        return {
-            "answer": tf.gather(labels, best),
-            "score": tf.gather(scores, best, batch_dims=1),
-            "scores": scores,
-            "labels": tf.tile(labels[tf.newaxis, :], tf.stack([batch, 1])),
-        }
+        return _answers(logits_fn(images, token_ids), labels, tf.shape(image_bytes)[0])
 
     serve.get_concrete_function()
     return serve
+
+
+def allowed_experts(experts: tf.Tensor, names: Sequence[str]) -> tf.Tensor:
+    """Bool `(batch, len(names))`: which of the experts `names` each example may use, from its
+    comma-separated `experts` string (spaces around names ignored; empty: none of them).
+    An unknown name raises `InvalidArgumentError` listing the experts."""
+    known = tf.constant(list(names), dtype=tf.string)
+    given = tf.strings.strip(tf.strings.split(experts, ","))
+    matches = tf.equal(tf.expand_dims(given.flat_values, -1), known[tf.newaxis, :])
+    valid = tf.logical_or(tf.reduce_any(matches, axis=-1), tf.equal(given.flat_values, ""))
+    unknown = tf.boolean_mask(given.flat_values, tf.logical_not(valid))
+    check = tf.debugging.Assert(
+        tf.reduce_all(valid),
+        [f"Unknown expert name(s) in {EXPERTS_INPUT}; the experts are {', '.join(names)} (an empty string: the "
+         f"{BASE_EXPERT} only). Received:", unknown],
+    )
+    with tf.control_dependencies([check]):
+        return tf.reduce_any(tf.RaggedTensor.from_row_splits(matches, given.row_splits), axis=1)
+
+
+def make_expert_serving_functions(
+    routed_fn: Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor, tf.Tensor]],
+    tokenizer,
+    answers: Sequence[str],
+    image_size: int,
+    experts: Sequence[str],
+) -> tuple[tf.types.experimental.GenericFunction, tf.types.experimental.GenericFunction]:
+    """`(serving_default, choose_experts)` of a model with adapter experts, around
+    `routed_fn(images, token_ids, allowed) -> (logits, slots, weights)` (slot 0: the base)."""
+    labels = tf.constant(list(answers), dtype=tf.string)
+    slot_names = tf.constant([BASE_EXPERT, *experts], dtype=tf.string)
+
+    def run(image_bytes, text, allowed):
+        images, token_ids = preprocess_inputs(image_bytes, text, tokenizer, image_size)
+        logits, slots, weights = routed_fn(images, token_ids, allowed)
+        outputs = _answers(logits, labels, tf.shape(image_bytes)[0])
+        outputs.update(expert=tf.gather(slot_names, tf.cast(slots, tf.int32)), expert_weight=tf.cast(weights, tf.float32))
+        return outputs
+
+    @tf.function(input_signature=_RAW_INPUTS, autograph=False)
+    def serve(image_bytes, text):
+        return run(image_bytes, text, tf.ones(tf.stack([tf.shape(image_bytes)[0], len(experts)]), tf.bool))
+
+    @tf.function(input_signature=[*_RAW_INPUTS, tf.TensorSpec([None], tf.string, name=EXPERTS_INPUT)],
+                 autograph=False)
+    def choose(image_bytes, text, experts_input):
+        with tf.control_dependencies([tf.debugging.assert_equal(
+                tf.shape(experts_input)[0], tf.shape(image_bytes)[0],
+                message=f"'{EXPERTS_INPUT}' must have one entry per example")]):
+            return run(image_bytes, text, allowed_experts(experts_input, experts))
+
+    serve.get_concrete_function()
+    choose.get_concrete_function()
+    return serve, choose
 
 
 def make_embed_function(

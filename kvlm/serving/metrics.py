@@ -8,6 +8,7 @@ TF Serving's (same names and labels as `tensorflow_model_server` exports):
 kvlm's:
     :kvlm:serving:error_count{model_name, API, code}
     :kvlm:serving:rejected_image_count{model_name, reason}
+    :kvlm:serving:expert_answer_count{model_name, expert}  (models whose signature returns `expert`)
 
 TF Serving writes its counters without the `_total` suffix that `prometheus_client`
 adds to counter families, so counters are exposed untyped under their exact names.
@@ -34,6 +35,8 @@ _COUNTERS = {
     "error_count": (":kvlm:serving:error_count", "Failed requests by gRPC status code.", ("model_name", "API", "code")),
     "rejected_image_count": (":kvlm:serving:rejected_image_count",
                              "Requests refused by the image size or decode memory limits.", ("model_name", "reason")),
+    "expert_answer_count": (":kvlm:serving:expert_answer_count", "Examples answered, by the expert that answered.",
+                            ("model_name", "expert")),
 }
 _HISTOGRAMS = {
     "request_latency": (":tensorflow:serving:request_latency", "Distribution of wall time (in microseconds) for "

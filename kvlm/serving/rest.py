@@ -6,9 +6,15 @@
     GET  {prometheus path}                                       metrics (with a monitoring config)
     GET  /v2/health/live, /v2/health/ready                       probes (Open Inference Protocol)
     GET  /v2/models/{name}[/versions/{v}]/ready                  whether a model can answer
+    GET  /v2                                                     server metadata (Open Inference Protocol)
+    GET  /v2/models/{name}[/versions/{v}]                        model metadata
+    POST /v2/models/{name}[/versions/{v}]/infer                  inference (JSON or binary tensor data)
 
 A probe's answer is its status code, with an empty body: 200 for yes, 400 for no
 (`kvlm.serving.health`); the health endpoints need no bearer token.
+
+Under the binary tensor data extension a body is the JSON object, `Inference-Header-Content-Length`
+bytes long, followed by the tensors' raw bytes (`kvlm.serving.open_inference`).
 
 Errors are `{"error": "..."}` with TF Serving's HTTP codes (400 for a bad request,
 404 for an unknown model or path, 429 when a limit is reached, ...). The server
@@ -40,6 +46,7 @@ from tensorflow_serving.apis import (
 
 from kvlm.serving.config import ServerOptions, TLSConfig
 from kvlm.serving.errors import ServingError, invalid
+from kvlm.serving import open_inference
 from kvlm.serving.health import Readiness
 from kvlm.serving.json_tensors import fill_input, float_json, request_arrays, response_json
 from kvlm.serving.metrics import CONTENT_TYPE
@@ -61,6 +68,8 @@ HTTP_STATUS = {
     grpc.StatusCode.UNIMPLEMENTED: 501, grpc.StatusCode.INTERNAL: 500, grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DATA_LOSS: 500, grpc.StatusCode.UNAUTHENTICATED: 401,
 }
+# The binary tensor data extension's header: the length of the JSON object that starts the body.
+HEADER_LENGTH = "Inference-Header-Content-Length"
 _API = {None: "get_model_status", "metadata": "get_model_metadata", "predict": "predict",
         "classify": "classify", "regress": "regress"}
 
@@ -113,6 +122,11 @@ class RestHandlers:
         app.router.add_get("/v2/health/ready", self.ready)
         app.router.add_get("/v2/models/{name}/ready", self.model_ready)
         app.router.add_get(r"/v2/models/{name}/versions/{version:\d+}/ready", self.model_ready)
+        app.router.add_get("/v2", self.server_metadata)
+        app.router.add_get("/v2/models/{name}", self.model_metadata)
+        app.router.add_get(r"/v2/models/{name}/versions/{version:\d+}", self.model_metadata)
+        app.router.add_post("/v2/models/{name}/infer", self.infer)
+        app.router.add_post(r"/v2/models/{name}/versions/{version:\d+}/infer", self.infer)
         app.router.add_route("*", "/{tail:.*}", self.models)
         return app
 
@@ -146,6 +160,53 @@ class RestHandlers:
         except ServingError as error:
             return _error(HTTP_STATUS.get(error.code, 500), error.message)
         return web.Response(status=200 if ready else 400)
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        return self._denied(request) or web.json_response(open_inference.server_metadata())
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        return await self._v2(request, "model_metadata", lambda name, version: web.json_response(
+            open_inference.model_metadata(self.service, name, version, request.query.get("signature_name", ""))))
+
+    async def infer(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        header = request.headers.get(HEADER_LENGTH)
+        if header is not None and not (header.isdigit() and int(header) <= len(body)):
+            return _error(400, f"{HEADER_LENGTH} must be a byte count within the body's {len(body)} bytes. "
+                               f"Received: {header!r}")
+        size = len(body) if header is None else int(header)
+        try:
+            message = json.loads(body[:size])
+        except (ValueError, UnicodeDecodeError) as error:
+            return _error(400, f"JSON Parse error: {error}")
+        if not isinstance(message, dict):
+            return _error(400, "The request body must start with a JSON object.")
+
+        def call(name: str, version: int | None) -> web.Response:
+            inputs = open_inference.binary_inputs(message, body[size:])
+            response, outputs = open_inference.infer(self.service, name, version, message, inputs, self.timeout)
+            head = json.dumps(response, separators=(",", ":")).encode()
+            raw = [t.raw for t in outputs if t.raw is not None]
+            if not raw:
+                return web.Response(body=head, content_type="application/json")
+            return web.Response(body=b"".join([head, *raw]), content_type="application/octet-stream",
+                                headers={HEADER_LENGTH: str(len(head))})
+
+        return await self._v2(request, "model_infer", call)
+
+    async def _v2(self, request: web.Request, api: str, call) -> web.Response:
+        """Runs `call(name, version)` for a `/v2/models/{name}[/versions/{version}]` path in a
+        worker thread, measured; a `ServingError` becomes its HTTP status and `{"error": ...}`."""
+        denied = self._denied(request)
+        if denied is not None:
+            return denied
+        name, version = request.match_info["name"], request.match_info.get("version")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, self.service.measured, api, "REST", name,
+                                              lambda: call(name, int(version) if version else None))
+        except ServingError as error:
+            return _error(HTTP_STATUS.get(error.code, 500), error.message)
 
     def _denied(self, request: web.Request) -> web.Response | None:
         """The 401 answer to a request without the bearer token, when one is configured."""

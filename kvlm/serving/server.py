@@ -3,7 +3,8 @@
 Implements every `tensorflow.serving.PredictionService` method (Predict, Classify,
 Regress, MultiInference, GetModelMetadata) and `tensorflow.serving.ModelService`
 (GetModelStatus, HandleReloadConfigRequest) with the generated stubs of
-`tensorflow-serving-api`, so stock TF Serving clients work unchanged, and the gRPC
+`tensorflow-serving-api`, so stock TF Serving clients work unchanged, the Open Inference
+Protocol's `inference.GRPCInferenceService` (`kvlm.serving.open_inference_grpc`), and the gRPC
 health-checking protocol (`grpc.health.v1.Health`, see `kvlm.serving.health`). Each Predict
 response carries trailing metadata `kvlm-batch-size`: the number of examples in the
 batch the request ran in (more than the request's own size when batching merged it).
@@ -27,6 +28,8 @@ from kvlm.serving.errors import ServingError
 from kvlm.serving.health import HEALTH_METHOD_PREFIX, HealthService, Readiness
 from kvlm.serving.metrics import Metrics
 from kvlm.serving.models import ModelManager
+from kvlm.serving.open_inference_grpc import InferenceServicer, add_inference_servicer
+from kvlm.serving.open_inference_protos import PROBE_METHODS
 from kvlm.serving.service import InferenceService
 
 logger = logging.getLogger(__name__)
@@ -90,7 +93,7 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
 
 class _TokenAuth(grpc.ServerInterceptor):
     """Rejects calls without `authorization: Bearer <token>` metadata (UNAUTHENTICATED), health
-    checks excepted."""
+    checks and the Open Inference Protocol's probes excepted."""
 
     def __init__(self, token: str):
         self._expected = f"Bearer {token}".encode()
@@ -101,7 +104,8 @@ class _TokenAuth(grpc.ServerInterceptor):
         self._deny = grpc.unary_unary_rpc_method_handler(deny)
 
     def intercept_service(self, continuation, handler_call_details):
-        if handler_call_details.method.startswith(HEALTH_METHOD_PREFIX):
+        method = handler_call_details.method
+        if method.startswith(HEALTH_METHOD_PREFIX) or method in PROBE_METHODS:
             return continuation(handler_call_details)
         for key, value in handler_call_details.invocation_metadata or ():
             if key == "authorization" and hmac.compare_digest(str(value).encode(), self._expected):
@@ -153,6 +157,7 @@ class Server:
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(self.service), self._grpc)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.service), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        add_inference_servicer(InferenceServicer(self.service, self.readiness), self._grpc)
         address = f"{options.host}:{options.port}"
         if options.tls:
             tls = options.tls

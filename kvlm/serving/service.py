@@ -31,6 +31,7 @@ from tensorflow_serving.apis import (
     regression_pb2,
 )
 
+from kvlm.export.names import EXPERT_OUTPUT
 from kvlm.serving.config import model_configs_from_proto
 from kvlm.serving.errors import ServingError, invalid, not_found
 from kvlm.serving.limits import DecodeBudget, decode_bytes
@@ -117,9 +118,20 @@ class InferenceService:
             self.metrics.count("rejected_image_count", loaded.model_name, reason)
             raise
         try:
-            return loaded.predict(signature, arrays, timeout)
+            outputs, batch = loaded.predict(signature, arrays, timeout)
         finally:
             self.budget.release(size)
+        self._count_experts(loaded.model_name, outputs.get(EXPERT_OUTPUT))
+        return outputs, batch
+
+    def _count_experts(self, model_name: str, experts: np.ndarray | None) -> None:
+        """Counts the examples each expert answered (a signature's string `expert` output)."""
+        if experts is None or experts.dtype != object:
+            return
+        names, counts = np.unique(experts.ravel(), return_counts=True)
+        for name, count in zip(names, counts):
+            label = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+            self.metrics.count("expert_answer_count", model_name, label, value=int(count))
 
     def predict(self, request: predict_pb2.PredictRequest, timeout: float | None = None):
         """Runs one Predict request; returns `(response, batch_size)`."""

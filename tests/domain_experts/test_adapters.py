@@ -122,8 +122,8 @@ def test_routing_takes_the_best_admitting_expert_and_abstains_to_the_base():
     features = keras.ops.convert_to_tensor(
         np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0.98, 0.2, 0], [-1, 0, 0]], "float32"))
 
-    def slots(thresholds):
-        return keras.ops.convert_to_numpy(route(features, keys, np.array(thresholds, "float32"))).tolist()
+    def slots(thresholds, allowed=None):
+        return keras.ops.convert_to_numpy(route(features, keys, np.array(thresholds, "float32"), allowed)[0]).tolist()
 
     # Expert 2's threshold is above what its own centre reaches; the opposite direction fits no key.
     assert slots([-50.0, -50.0, 20.0]) == [1, 2, 0, 1, 0]
@@ -131,3 +131,49 @@ def test_routing_takes_the_best_admitting_expert_and_abstains_to_the_base():
     assert slots([-1e4, -1e4, -1e4]) == [1, 2, 3, 1, 3]
     # Admitted by none: all to the base.
     assert slots([20.0, 20.0, 20.0]) == [0, 0, 0, 0, 0]
+    # Experts an example may not use never take it: the next admitting one does, else the base.
+    allowed = np.array([[False, True, False], [True, True, True], [False, False, False], [True, False, True],
+                        [False, False, True]])
+    assert slots([-1e4, -1e4, -1e4], allowed) == [2, 2, 0, 1, 3]
+    assert slots([-50.0, -50.0, 20.0], allowed) == [0, 2, 0, 1, 0]
+
+
+def test_routing_weight_is_the_posterior_among_the_admitting_experts():
+    """Two mirror-image keys: a feature half-way between them weighs 0.5 for the one it goes to, one
+    at a key's centre nearly 1, and an example left to the base 1."""
+    from kvlm.domain_experts.multi_adapter import route
+    from kvlm.layers.moe.keys import gaussian_key
+
+    samples = np.array([1.0, 0.0, 0.0]) + 0.3 * RNG.normal(size=(400, 3))
+    keys = np.stack([gaussian_key(samples), gaussian_key(samples[:, [1, 0, 2]])])
+    features = keras.ops.convert_to_tensor(np.array([[0.7071, 0.7071, 0], [1, 0, 0], [0, 0, -1]], "float32"))
+    slots, weights = (keras.ops.convert_to_numpy(x) for x in route(features, keys, np.array([-2.0, -2.0], "float32")))
+    assert slots[2] == 0 and weights[2] == 1.0
+    np.testing.assert_allclose(weights[0], 0.5, atol=1e-3)
+    assert slots[1] == 1 and weights[1] > 0.99
+
+
+def test_abstention_threshold_lets_its_quantile_of_unseen_inputs_fall_to_the_base():
+    """Fitted on 300 unit-norm features in 32 dimensions, the threshold turns away about 1% of fresh
+    draws of the same distribution; the 1% quantile of the key's own examples turns away five times more."""
+    from kvlm.domain_experts.routing import abstention_threshold
+    from kvlm.layers.moe.keys import gaussian_key, key_logits
+
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(32, 32)) / np.sqrt(32)
+
+    def draw(n):
+        x = rng.normal(size=(n, 32)) @ mixing + 1.0
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype("float32")
+
+    own, held_out, fresh = draw(300), draw(75), draw(20_000)
+    key = gaussian_key(own)
+
+    def logits(x):
+        return keras.ops.convert_to_numpy(key_logits(keras.ops.convert_to_tensor(x), key[None]))[:, 0]
+
+    turned_away = np.mean(logits(fresh) < abstention_threshold(own, held_out))
+    assert 0.005 <= turned_away <= 0.02
+    assert np.mean(logits(fresh) < np.quantile(logits(own), 0.01)) > 3 * turned_away
+    with pytest.raises(ValueError, match="at least 10 key examples. Received: 9"):
+        abstention_threshold(own[:9])

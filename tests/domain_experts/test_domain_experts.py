@@ -11,7 +11,7 @@ from dataclasses import replace
 import keras
 import numpy as np
 import pytest
-from harness import serve_without_kvlm
+from harness import serve_many_without_kvlm
 
 from kvlm.data import make_dataset, shapes
 from kvlm.layers.moe.keys import key_logits, l2_normalize
@@ -215,7 +215,8 @@ def test_shipped_experts_install_route_and_predict_on_every_backend(base, shippe
                     "from TensorFlow or JAX")
 def test_the_installed_model_exports_with_a_dynamic_batch_and_answers_without_kvlm(base, shipped, tmp_path):
     """The exported SavedModel (tensorflow + tensorflow_text only) answers every domain as the model does,
-    at two batch sizes: the expert capacity follows the batch, on JAX as on TensorFlow."""
+    at two batch sizes: the expert capacity follows the batch, on JAX as on TensorFlow. With adapter
+    experts it also says which expert answered, and `choose_experts` restricts them per example."""
     import tensorflow as tf
 
     from kvlm.export.savedmodel import export_model
@@ -229,7 +230,27 @@ def test_the_installed_model_exports_with_a_dynamic_batch_and_answers_without_kv
     expected = [installed.answers[i] for i in logits.argmax(-1)]
     images = [tf.io.encode_png(np.asarray(e.image, np.uint8)).numpy() for e in examples]
     questions = [e.question for e in examples]
-    assert serve_without_kvlm(version, images, questions, tmp_path)["answers"] == expected
-    assert serve_without_kvlm(version, images[:5], questions[:5], tmp_path)["answers"] == expected[:5]
+    first = installed.experts[0]
+    chosen = ["" if i % 2 else first for i in range(len(examples))]  # the base alone, or one named expert
+    served, five, restricted, unknown = serve_many_without_kvlm(version, [
+        (images, questions, None), (images[:5], questions[:5], None), (images, questions, chosen),
+        (images[:1], questions[:1], ["nope"]),
+    ], tmp_path)
+    assert served["answers"] == expected and five["answers"] == expected[:5]
     new_answers = set(installed.answers[len(base.answers):])
     assert set(expected) & new_answers
+    if "experts" not in served:
+        return  # FFN experts route per token: no one expert answers an example
+    # Which expert answered: the model's own routing, each with its posterior weight.
+    slots = routed_slots(installed.model, examples, installed.tokenizer, 32)
+    assert served["experts"] == [(["base", *installed.experts])[s] for s in slots]
+    assert all(0.5 <= w <= 1.0 for w in served["expert_weights"])
+    # Experts chosen per example: as the layer answers with the same experts allowed.
+    assert restricted["experts"] == [first if c and s == 1 else "base" for c, s in zip(chosen, slots)]
+    allowed = np.array([[bool(c) and e == 0 for e in range(len(installed.experts))] for c in chosen])
+    batch = next(iter(make_dataset(examples, installed.tokenizer, installed.answers, 32, 64)))[0]
+    inputs = {name: np.asarray(value) for name, value in batch.items()}
+    logits = installed.model.get_layer("adapter_experts").answer(inputs, allowed)[0]
+    assert restricted["answers"] == [installed.answers[i] for i in keras.ops.convert_to_numpy(logits).argmax(-1)]
+    assert set(restricted["answers"][1::2]) <= set(base.answers)
+    assert "the experts are " + ", ".join(installed.experts) in unknown["error"] and "nope" in unknown["error"]

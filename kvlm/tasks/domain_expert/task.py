@@ -106,9 +106,10 @@ class DomainExpertTask(ClassifierTask):
         metrics = {"accuracy": held_out_accuracy, "train_examples": len(data.train),
                    "eval_examples": len(data.held_out), "epochs": config.epochs}
         if config.options["kind"] == "adapters":
-            key = gaussian_key(base_routing_features(base, keys_data))
+            key_features = base_routing_features(base, keys_data)
+            key = gaussian_key(key_features)
             held_out = make_dataset(data.held_out, data.tokenizer, data.answers, data.image_size, 256)
-            threshold = abstention_threshold(key, base_routing_features(base, held_out))
+            threshold = abstention_threshold(key_features, base_routing_features(base, held_out))
             parts = dict(answers=data.answers, keys=key[None], threshold=threshold, ffn_weights=[],
                          **adapter_specialist_weights(model))
             metrics["adapter_rank"] = config.options["adapter_rank"]
