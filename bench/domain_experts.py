@@ -1,6 +1,6 @@
 """Adapter experts trained against the released base, installed with no host training, over three seeds.
 
-    python bench/domain_experts.py [--train-size 6000] [--eval-size 1000] [--epochs 6] [--digit-epochs 20] [--seeds 0 1 2]
+    python bench/domain_experts.py [--train-size 6000] [--eval-size 1000] [--epochs 6] [--digit-epochs 40] [--seeds 0 1 2]
 
 Per seed, every expert is `kvlm train --task domain_expert` (the default kind: LoRA adapters
 through the whole path, its own words and answer head) with the base `kvlm_tiny_vqa` frozen:
@@ -15,7 +15,8 @@ through the whole path, its own words and answer head) with the base `kvlm_tiny_
 - `abstain`: each domain's held-out inputs with only the other experts installed (and the digits
   folder with the three), against the experts' own held-out inputs;
 - `own_folder`: scikit-learn's real digits as a user's folder (`bench/own_folder_expert.py`),
-  installed beside the three, against the same folder trained end to end (`kvlm train --data-dir`);
+  installed beside the three, against the same folder trained end to end (`kvlm train --data-dir`),
+  both with `--augment` (RandAugment, as for any small folder of real images);
 - `new_domain`: the digits asked with words and answers the base has none of;
 - `cost`: the installed model's time per batch of 64 with eight experts against one;
 - controls and baselines: random keys (each expert keyed on a random sample of every domain's
@@ -120,7 +121,7 @@ def new_domain_question(index: int, digit: int) -> tuple[str, str]:
 
 def _train(name: str, root: Path, seed: int, epochs: int, train_size: int | None = None, eval_size: int | None = None,
            datasets: list[str] | None = None, data_dir: Path | None = None, domain: str | None = None,
-           task: str = "domain_expert", kind: str = "adapters") -> Path:
+           task: str = "domain_expert", kind: str = "adapters", augment: bool = False) -> Path:
     """A `kvlm train` run (by default `--task domain_expert`) on `datasets` or the folder `data_dir`;
     returns its folder."""
     from kvlm.runs import TrainConfig
@@ -129,7 +130,7 @@ def _train(name: str, root: Path, seed: int, epochs: int, train_size: int | None
     options = {"expert_name": name, "domain": domain or name, "kind": kind} if task == "domain_expert" else {}
     config = TrainConfig(task=task, output=str(root / name), datasets=datasets,
                          data_dir=str(data_dir) if data_dir else None, train_size=train_size, eval_size=eval_size,
-                         epochs=epochs, seed=seed, task_options=options)
+                         epochs=epochs, seed=seed, augment=augment, task_options=options)
     fit(config, verbose=0, checkpoint=False)
     return root / name
 
@@ -168,31 +169,25 @@ def _features(base, examples, tokenizer) -> np.ndarray:
     return base_routing_features(base, make_dataset(list(examples), tokenizer, labels, base.image_size, 256))
 
 
-def _marginal_key(key: np.ndarray, part: slice) -> np.ndarray:
-    """The Gaussian key `(d + 1, d)` of the `part` coordinates of a Gaussian key's features."""
-    factor = key[1:].astype(np.float64)
-    covariance = np.linalg.inv(factor @ factor.T)[part, part]
-    return np.concatenate([key[0, part][None], np.linalg.cholesky(np.linalg.inv(covariance))]).astype("float32")
-
-
-def split_routing(experts, features: dict[str, np.ndarray], own_features: dict[str, np.ndarray]) -> dict:
-    """Where each domain's features go when routed on the image half or the question half of the
-    routing feature alone: each expert's key and abstention threshold (`ABSTAIN_QUANTILE` of its
-    own held-out features) restricted to that half; `general` when none admits."""
+def split_routing(experts, key_features: dict[str, np.ndarray], features: dict[str, np.ndarray]) -> dict:
+    """Where each domain's `features` go when routed on the image half or the question half of the
+    routing feature alone: each expert's Gaussian key and abstention threshold fitted, as the task
+    fits them, on that half of its own `key_features`; `general` when none admits."""
     from keras import ops
 
     from kvlm.domain_experts.multi_adapter import route
     from kvlm.domain_experts.report import GENERAL
     from kvlm.domain_experts.routing import abstention_threshold
+    from kvlm.layers.moe.keys import gaussian_key
 
     width = next(iter(features.values())).shape[1] // 2
     split = {}
     for part_name, part in (("image", slice(0, width)), ("text", slice(width, 2 * width))):
-        keys = [_marginal_key(e.keys[0], part) for e in experts]
-        thresholds = [abstention_threshold(k, own_features[e.name][:, part]) for k, e in zip(keys, experts)]
+        keys = [gaussian_key(key_features[e.name][:, part]) for e in experts]
+        thresholds = [abstention_threshold(key_features[e.name][:, part]) for e in experts]
         split[part_name] = {}
         for domain, x in features.items():
-            slots = ops.convert_to_numpy(route(ops.convert_to_tensor(x[:, part]), np.stack(keys), np.float32(thresholds)))
+            slots = ops.convert_to_numpy(route(ops.convert_to_tensor(x[:, part]), np.stack(keys), np.float32(thresholds))[0])
             shares = np.bincount(slots, minlength=len(experts) + 1) / len(slots)
             split[part_name][domain] = dict(zip([GENERAL, *[e.name for e in experts]], shares.round(4).tolist()))
     return split
@@ -208,7 +203,7 @@ def random_keyed(experts, pooled: np.ndarray, rng: np.random.Generator) -> list:
     for expert in experts:
         sample = pooled[rng.choice(len(pooled), size=len(pooled) // 2, replace=False)]
         key = gaussian_key(sample)
-        keyed.append(replace(expert, keys=key[None], threshold=abstention_threshold(key, sample)))
+        keyed.append(replace(expert, keys=key[None], threshold=abstention_threshold(sample)))
     return keyed
 
 
@@ -258,6 +253,7 @@ def seed_results(seed: int, args, base, datasets: dict[str, str], root: Path, ba
     from kvlm.data import load_folder, shapes
     from kvlm.domain_experts import Base, install_experts
     from kvlm.domain_experts.report import GENERAL
+    from kvlm.domain_experts.routing import KEY_EXAMPLES
     from kvlm.runs import TrainConfig, load_run
     from kvlm.training.evaluation import answer_accuracy
     from kvlm.training.examples import mix_datasets
@@ -286,7 +282,8 @@ def seed_results(seed: int, args, base, datasets: dict[str, str], root: Path, ba
                                     accuracy(installed, general))
     features = {name: _features(base, examples, installed.tokenizer)
                 for name, examples in {GENERAL: general, **held_out}.items()}
-    split = split_routing(experts, features, {d: features[d] for d in DOMAINS})
+    key_features = {d: _features(base, splits[d][0][:KEY_EXAMPLES], installed.tokenizer) for d in DOMAINS}
+    split = split_routing(experts, key_features, features)
     per_domain = {}
     for d, expert in zip(DOMAINS, experts):
         per_domain[d] = {
@@ -330,8 +327,10 @@ def seed_results(seed: int, args, base, datasets: dict[str, str], root: Path, ba
 
     # A user's own folder of real images, and the same images asked in words the base never saw.
     digits_train, digits_test = write_digit_folders(root / "digits", seed)
-    digits_run = _train("digits", root, seed, args.digit_epochs, data_dir=digits_train, domain="handwritten digits")
-    full_run = _train("digits_full_finetune", root, seed, args.digit_epochs, data_dir=digits_train, task="vqa")
+    digits_run = _train("digits", root, seed, args.digit_epochs, data_dir=digits_train, domain="handwritten digits",
+                        augment=True)
+    full_run = _train("digits_full_finetune", root, seed, args.digit_epochs, data_dir=digits_train, task="vqa",
+                      augment=True)
     digits_expert = _expert(digits_run)
     with_digits = install_experts(base, experts + [digits_expert])
     digits_examples = load_folder(digits_test)
@@ -345,7 +344,7 @@ def seed_results(seed: int, args, base, datasets: dict[str, str], root: Path, ba
     own_folder["installed_over_specialist"] = round(own_folder["installed"] / max(own_folder["specialist"], 1e-9), 4)
 
     new_train, new_test = write_digit_folders(root / "new_domain", seed, ask=new_domain_question)
-    new_run = _train("numerals", root, seed, args.digit_epochs, data_dir=new_train, domain="numerals")
+    new_run = _train("numerals", root, seed, args.digit_epochs, data_dir=new_train, domain="numerals", augment=True)
     new_expert = _expert(new_run)
     with_new = install_experts(base, experts + [new_expert])
     new_examples = load_folder(new_test)
@@ -441,8 +440,9 @@ def _get(results: dict, path: tuple[str, ...]):
 
 def main() -> None:
     parser = common.training_parser(__doc__, train_size=6000, eval_size=1000, epochs=6, output=common.RESULTS)
-    parser.add_argument("--digit-epochs", type=int, default=20,
-                        help="epochs of the digits experts and full fine-tune (as bench/own_folder_expert.py)")
+    parser.add_argument("--digit-epochs", type=int, default=40,
+                        help="epochs of the digits experts and full fine-tune, all trained with --augment "
+                             "(as bench/own_folder_expert.py)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--baseline-seeds", type=int, nargs="+", default=None,
                         help="seeds that also run the joint and BTX baselines (default: every seed)")
@@ -550,10 +550,12 @@ def _markdown(r: dict) -> str:
         f"| same images: installed / specialist | {_pm(r, ('same_images', 'accuracy_over_specialist'))} | >= 0.95 |",
         f"| abstain: an unseen domain's inputs to the base | {_pm(r, ('abstain', 'unseen_to_general'))} | >= 0.95 |",
         f"| abstain: the experts' own inputs kept | {_pm(r, ('abstain', 'in_domain_kept'))} | >= 0.98 |",
-        f"| own folder (digits): specialist | {_pm(r, ('own_folder', 'specialist'))} | >= 0.97 |",
+        f"| own folder (digits, `--augment`, {c['digit_epochs']} epochs): specialist | "
+        f"{_pm(r, ('own_folder', 'specialist'))} | >= 0.97 |",
         f"| own folder: installed | {_pm(r, ('own_folder', 'installed'))} | >= 0.98 of specialist "
         f"({_pm(r, ('own_folder', 'installed_over_specialist'))}) |",
-        f"| own folder: full fine-tune (`kvlm train --data-dir`) | {_pm(r, ('own_folder', 'full_finetune'))} | - |",
+        f"| own folder: full fine-tune (`kvlm train --data-dir --augment`) | {_pm(r, ('own_folder', 'full_finetune'))} "
+        "| - |",
         f"| new domain: base alone / installed / specialist | {_pm(r, ('new_domain', 'before'))} / "
         f"{_pm(r, ('new_domain', 'after'))} / {_pm(r, ('new_domain', 'specialist'))} | - |",
         f"| cost: batch of 64, one expert / eight (ms) | {_pm(r, ('cost', 'one_expert_ms'))} / "
@@ -571,7 +573,7 @@ def _markdown(r: dict) -> str:
         "",
         "Routing heatmap: share of each domain's held-out examples each expert answers (`general`: the base), as "
         "the model routes (all), and on the image half or the question half of the routing feature alone (each "
-        "expert's key and threshold restricted to that half).",
+        "expert's key and threshold fitted, as the task fits them, on that half of its training examples' features).",
         "",
         "| data | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(names),

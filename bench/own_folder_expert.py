@@ -1,16 +1,17 @@
 """A third party's expert from their own folder of real images, published as a plugin, installed with no training.
 
-    python bench/own_folder_expert.py [--epochs 20]
+    python bench/own_folder_expert.py [--epochs 40]
 
 The walk-through of docs/plugins.md ("Train an expert on your own images") on data kvlm does
 not ship: the 1,797 real handwritten digits that scikit-learn bundles (`load_digits`, 8x8
 scans upscaled to 32x32). It writes them as folders of PNGs plus `annotations.jsonl`
 (train 80% / test 20%), trains the expert with `kvlm train --task domain_expert --data-dir`
-(the default kind: LoRA adapters through the whole path), pip-installs the plugin distribution
+(the default kind: LoRA adapters through the whole path; `--augment`, RandAugment, as for any
+small folder of real images), pip-installs the plugin distribution
 the task writes, builds the base with the installed experts (`install_experts(base,
 "installed")`) and scores base, specialist and installed model on the test folder, beside a
-full fine-tune: a VQA model trained end to end on the same folder for the same epochs
-(`kvlm train --task vqa --data-dir`). Writes bench/results/own_folder_expert.json and .md.
+full fine-tune: a VQA model trained end to end on the same folder for the same epochs, also
+augmented (`kvlm train --task vqa --data-dir --augment`). Writes bench/results/own_folder_expert.json and .md.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def write_digit_folders(root: Path, seed: int = 0, ask=digit_question) -> tuple[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=40)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="kvlm-own-folder-") as tmp:
@@ -73,11 +74,11 @@ def main() -> None:
         run = root / "digits_run"
         command = [sys.executable, "-m", "kvlm", "train", "--task", "domain_expert", "--data-dir", str(train),
                    "--domain", "handwritten digits", "--expert-name", "digits", "--epochs", str(args.epochs),
-                   "--output", str(run), "--no-tensorboard"]
+                   "--augment", "--output", str(run), "--no-tensorboard"]
         subprocess.run(command, check=True)
         full = root / "full_finetune"
         subprocess.run([sys.executable, "-m", "kvlm", "train", "--task", "vqa", "--data-dir", str(train), "--epochs",
-                        str(args.epochs), "--output", str(full), "--no-tensorboard"], check=True)
+                        str(args.epochs), "--augment", "--output", str(full), "--no-tensorboard"], check=True)
         site = root / "site"
         subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q",
                         "--disable-pip-version-check", "--target", str(site), str(run / "plugin")], check=True)
@@ -120,7 +121,7 @@ def main() -> None:
         "",
         f"{results['data']}: {results['train_examples']} training and {results['test_examples']} test examples "
         f"(digit name or even / odd); expert trained {results['epochs']} epochs with `kvlm train --task "
-        f"domain_expert --data-dir`, pip-installed from the plugin distribution it wrote, installed with "
+        f"domain_expert --data-dir --augment`, pip-installed from the plugin distribution it wrote, installed with "
         f"{results['host_training_steps']} host training steps (installed: {', '.join(results['installed_experts'])}).",
         "",
         "| | base alone | specialist | installed | installed / specialist | full fine-tune |",

@@ -3,9 +3,10 @@
 Measures, in one run on one machine:
   * throughput and client-side p50/p99 latency of N concurrent clients x M requests
     (one example per request) against `kvlm serve` with and without `--enable_batching`,
-    over gRPC and, on the batched server, over the REST API (`{"b64": ...}` images); the
-    same with the server's thread pools tuned for concurrent requests (`--tuned-flags`);
-    every scenario once per round, over several rounds;
+    over gRPC and, on the batched server, over TF Serving's REST API (`{"b64": ...}` images)
+    and the Open Inference Protocol's REST (binary tensor data) and gRPC (raw contents)
+    `infer`; the same with the server's thread pools tuned for concurrent requests
+    (`--tuned-flags`); every scenario once per round, over several rounds;
   * p50 latency of single requests from one client (no batching) against a direct
     in-process call of the same SavedModel signature on the same inputs;
   * in every round, the fixed cost of a request (server and client CPU per request) on a signature that
@@ -13,7 +14,7 @@ Measures, in one run on one machine:
     batching on this machine.
 
 Targets: batched throughput >= 3.5x unbatched at 32 clients; server p50 at batch 1
-<= 1.15x the direct call. Every request must succeed.
+<= 1.10x the direct call. Every request must succeed.
 
 Usage:
     python bench/serving.py                      # tiny random-weight model
@@ -46,6 +47,10 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_text  # noqa: E402,F401
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
+
+# Batched over unbatched throughput at 32 clients, and the server's batch-1 p50 over a direct call's.
+THROUGHPUT_TARGET = 3.5
+LATENCY_TARGET = 1.10
 
 BATCHING = """max_batch_size {{ value: {max_batch_size} }}
 batch_timeout_micros {{ value: {timeout} }}
@@ -90,13 +95,12 @@ class ServerProcess:
         self.process.wait(timeout=60)
 
 
-def measured_load(server: ServerProcess, requests: list, clients: int, per_client: int, rest: bool = False) -> dict:
-    """`load` (or `rest_load`) plus the server's and the clients' CPU time per request."""
+def measured_load(server: ServerProcess, requests: list, clients: int, per_client: int, api: str = "grpc") -> dict:
+    """The load of `api` (`LOADS`: its function and whether it takes the REST port) plus the
+    server's and the clients' CPU time per request."""
+    run, rest = LOADS[api]
     start, client_start = server.cpu_seconds(), time.process_time()
-    if rest:
-        result = rest_load(server.rest_target, requests, clients, per_client)
-    else:
-        result = load(server.target, requests, clients, per_client)
+    result = run(server.rest_target if rest else server.target, requests, clients, per_client)
     result["server_cpu_ms_per_request"] = (server.cpu_seconds() - start) * 1e3 / result["requests"]
     result["client_cpu_ms_per_request"] = (time.process_time() - client_start) * 1e3 / result["requests"]
     return result
@@ -207,6 +211,90 @@ def rest_bodies(images: list[bytes], texts: list[str]) -> list[bytes]:
     ]
 
 
+def v2_rest_load(target: str, bodies: list[tuple[int, bytes]], clients: int, per_client: int, timeout: float = 60.0) -> dict:
+    """Open Inference Protocol REST clients, each with its own keep-alive HTTP connection, POSTing
+    `/v2/models/kvlm/infer` bodies under the binary tensor data extension (`v2_rest_bodies`)."""
+    host, port = target.rsplit(":", 1)
+
+    def connect(index: int):
+        connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
+        header_length, body = bodies[index % len(bodies)]
+        headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(header_length)}
+
+        def call() -> int:
+            connection.request("POST", "/v2/models/kvlm/infer", body, headers)
+            response = connection.getresponse()
+            response.read()
+            if response.status != 200:
+                raise RequestFailed(f"HTTP {response.status}")
+            return 0
+
+        return call, connection.close
+
+    return drive(clients, per_client, connect)
+
+
+def v2_grpc_load(target: str, requests: list, clients: int, per_client: int, timeout: float = 60.0) -> dict:
+    """Open Inference Protocol gRPC clients, each with its own channel, calling ModelInfer with
+    raw contents (`v2_grpc_requests`) through a plain unary stub."""
+    from kvlm.serving.open_inference_protos import SERVICE, message_class
+
+    response_type = message_class("ModelInferResponse")
+
+    def connect(index: int):
+        channel = grpc.insecure_channel(target)
+        infer = channel.unary_unary(f"/{SERVICE}/ModelInfer", request_serializer=lambda m: m.SerializeToString(),
+                                    response_deserializer=response_type.FromString)
+        request = requests[index % len(requests)]
+
+        def call() -> int:
+            try:
+                infer(request, timeout=timeout)
+            except grpc.RpcError as error:
+                raise RequestFailed(f"{error.code().name}: {error.details()}") from None
+            return 0
+
+        return call, channel.close
+
+    return drive(clients, per_client, connect)
+
+
+def _bytes_element(value: bytes) -> bytes:
+    return len(value).to_bytes(4, "little") + value
+
+
+def v2_rest_bodies(images: list[bytes], texts: list[str]) -> list[tuple[int, bytes]]:
+    """`(JSON header length, body)` of one-example infer requests: both inputs as binary BYTES."""
+    bodies = []
+    for image, text in zip(images, texts):
+        raw = [_bytes_element(image), _bytes_element(text.encode())]
+        header = json.dumps({"inputs": [
+            {"name": name, "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(r)}}
+            for name, r in zip(("image_bytes", "text"), raw)
+        ], "parameters": {"binary_data_output": True}}).encode()
+        bodies.append((len(header), header + b"".join(raw)))
+    return bodies
+
+
+def v2_grpc_requests(images: list[bytes], texts: list[str]) -> list:
+    """One-example ModelInfer requests with raw input contents."""
+    from kvlm.serving.open_inference_protos import message_class
+
+    requests = []
+    for image, text in zip(images, texts):
+        request = message_class("ModelInferRequest")(model_name="kvlm")
+        for name in ("image_bytes", "text"):
+            request.inputs.add(name=name, datatype="BYTES", shape=[1])
+        request.raw_input_contents.extend([_bytes_element(image), _bytes_element(text.encode())])
+        requests.append(request)
+    return requests
+
+
+# Each API's load: its function, and whether it goes to the REST port.
+LOADS = {"grpc": (load, False), "rest": (rest_load, True), "v2_rest": (v2_rest_load, True),
+         "v2_grpc": (v2_grpc_load, False)}
+
+
 def batch1_latencies(version_dir: Path, target: str, request, image: bytes, text: str, calls: int):
     """Latencies of single requests: a direct in-process call of the SavedModel's
     serving_default, and the same input through the server, alternating call by call
@@ -282,34 +370,36 @@ def prepare(run: str | None, workdir: Path) -> Path:
 
 @dataclass
 class Scenario:
-    """A server (`base_path` served with `flags`) and its gRPC requests; with REST `bodies`, the
-    same server also takes the REST load."""
+    """A server (`base_path` served with `flags`) and its gRPC requests; with `more` (`{api:
+    payloads}` of `LOADS`), the same server then takes those loads too, one after another."""
 
     base_path: Path
     flags: list[str]
     requests: list
-    bodies: list[bytes] | None = None
+    more: dict[str, list] | None = None
 
 
 def run_rounds(scenarios: dict[str, Scenario], args, on_start=None) -> dict[str, list[dict]]:
     """Runs every scenario once per round, in the same order, so that the scenarios of a round
     share the machine's state (its speed drifts by tens of percent between minutes).
 
-    Returns each name's list of `measured_load` results, one per round; a REST load is listed
-    under `<name>_rest`. `on_start(name, server)` runs on the first round's servers before their load.
+    Returns each name's list of `measured_load` results, one per round; the loads of `more` are
+    listed under `<name>_<api>`. `on_start(name, server)` runs on the first round's servers before
+    their load.
     """
     runs: dict[str, list[dict]] = {}
     for round_index in range(args.rounds):
         for name, scenario in scenarios.items():
-            rest = scenario.bodies is not None
+            more = scenario.more or {}
+            rest = any(LOADS[api][1] for api in more)
             server = ServerProcess(scenario.base_path, scenario.flags + (["--rest_api_port", "0"] if rest else []))
             try:
                 if round_index == 0 and on_start is not None:
                     on_start(name, server)
                 runs.setdefault(name, []).append(measured_load(server, scenario.requests, args.clients, args.requests))
-                if rest:
-                    runs.setdefault(f"{name}_rest", []).append(
-                        measured_load(server, scenario.bodies, args.clients, args.requests, rest=True)
+                for api, payloads in more.items():
+                    runs.setdefault(f"{name}_{api}", []).append(
+                        measured_load(server, payloads, args.clients, args.requests, api)
                     )
             finally:
                 server.stop()
@@ -358,6 +448,8 @@ def to_markdown(result: dict) -> str:
         for k, r in result["batched_by_num_batch_threads"].items()
     ] + [
         (f"REST, batched, num_batch_threads={threads}", result["rest_batched"]),
+        (f"Open Inference Protocol REST, batched, num_batch_threads={threads}", result["v2_rest_batched"]),
+        (f"Open Inference Protocol gRPC, batched, num_batch_threads={threads}", result["v2_grpc_batched"]),
         (f"gRPC, unbatched, `{tuned_text}`", tuned["unbatched"]),
         (f"gRPC, batched, num_batch_threads={threads}, `{tuned_text}`", tuned["batched"]),
     ]
@@ -417,11 +509,11 @@ def to_markdown(result: dict) -> str:
         "",
         f"- batched / unbatched throughput: {targets['throughput_ratio']:.2f}x, median of rounds "
         f"({runs(targets['throughput_ratio_runs'])}) "
-        f"(target >= 3.5): {'met' if targets['throughput_met'] else 'MISSED'}",
+        f"(target >= {THROUGHPUT_TARGET}): {'met' if targets['throughput_met'] else 'MISSED'}",
         f"- the same with `{tuned_text}` on both servers: {tuned['throughput_ratio']:.2f}x "
         f"({runs(tuned['throughput_ratio_runs'])}); unbatched {tuned['unbatched']['throughput_rps']:.0f} req/s against "
         f"{result['unbatched']['throughput_rps']:.0f} with TensorFlow's default thread pools",
-        f"- server p50 / direct p50 at batch 1: {targets['latency_ratio']:.2f}x (target <= 1.15): "
+        f"- server p50 / direct p50 at batch 1: {targets['latency_ratio']:.2f}x (target <= {LATENCY_TARGET:.2f}): "
         f"{'met' if targets['latency_met'] else 'MISSED'}",
         f"- errors: {targets['errors']} (target 0): {'met' if targets['errors'] == 0 else 'MISSED'}",
         "",
@@ -468,11 +560,12 @@ def main(argv: list[str] | None = None) -> int:
             ))
             batching[threads] = ["--enable_batching", "--batching_parameters_file", str(config)]
         affine_base, affine_request = write_affine(Path(tmp))
-        bodies = rest_bodies(images, texts)
+        more = {"rest": rest_bodies(images, texts), "v2_rest": v2_rest_bodies(images, texts),
+                "v2_grpc": v2_grpc_requests(images, texts)}
         scenarios = {
             "unbatched": Scenario(base_path, [], requests),
             **{
-                f"batched_{k}": Scenario(base_path, flags, requests, bodies if k == args.batch_threads else None)
+                f"batched_{k}": Scenario(base_path, flags, requests, more if k == args.batch_threads else None)
                 for k, flags in batching.items()
             },
             "tuned_unbatched": Scenario(base_path, tuned_flags, requests),
@@ -497,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
     batched_runs = {k: median_run(runs[f"batched_{k}"]) for k in batching}
     batched = batched_runs[args.batch_threads]
     rest_batched = median_run(runs[f"batched_{args.batch_threads}_rest"])
+    v2_rest_batched = median_run(runs[f"batched_{args.batch_threads}_v2_rest"])
+    v2_grpc_batched = median_run(runs[f"batched_{args.batch_threads}_v2_grpc"])
     direct_p50 = percentile(latencies["direct"], 50) * 1e3
     served_p50 = percentile(latencies["served"], 50) * 1e3
     ratio = paired_ratio(runs[f"batched_{args.batch_threads}"], runs["unbatched"])
@@ -518,6 +613,8 @@ def main(argv: list[str] | None = None) -> int:
         "batched": batched,
         "batched_by_num_batch_threads": {str(k): v for k, v in batched_runs.items()},
         "rest_batched": rest_batched,
+        "v2_rest_batched": v2_rest_batched,
+        "v2_grpc_batched": v2_grpc_batched,
         "tuned": {
             "flags": tuned_flags,
             "unbatched": median_run(runs["tuned_unbatched"]),
@@ -540,9 +637,9 @@ def main(argv: list[str] | None = None) -> int:
     result["targets"] = {
         "throughput_ratio": ratio["median"],
         "throughput_ratio_runs": ratio["runs"],
-        "throughput_met": ratio["median"] >= 3.5,
+        "throughput_met": ratio["median"] >= THROUGHPUT_TARGET,
         "latency_ratio": result["batch1_latency"]["ratio"],
-        "latency_met": result["batch1_latency"]["ratio"] <= 1.15,
+        "latency_met": result["batch1_latency"]["ratio"] <= LATENCY_TARGET,
         "errors": sum(r["errors"] for scenario in runs.values() for r in scenario),
     }
     common.write_results(args.output, "serving", result, to_markdown(result))
