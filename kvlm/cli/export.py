@@ -25,12 +25,23 @@ def register(subparsers) -> None:
 
 
 def run_export(args) -> int:
+    import json
+
     from kvlm.export import export_model
+    from kvlm.export.savedmodel import METADATA_FILE
+    from kvlm.export.warmup import WARMUP_DIR
     from kvlm.runs import read_task
     from kvlm.tasks import get_task
 
     platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip()) if args.platforms else None
     path = export_model(args.model, base_path=args.base_path, name=args.name, version=args.version, platforms=platforms)
     task = read_task(args.model)
-    print(f"exported {task} run {args.model} to {path} ({get_task(task).export_description})")
+    description = get_task(task).export_description
+    metadata = json.loads((path / WARMUP_DIR / METADATA_FILE).read_text())
+    if "experts" in metadata:  # a model with experts installed: the outputs and signature they add
+        chosen = metadata["choose_experts"]
+        description = (f"signature {metadata['signature']}: {', '.join(metadata['inputs'])} -> "
+                       f"{', '.join(metadata['outputs'])}; {chosen['signature']} also takes {chosen['input']} "
+                       f"(experts: {', '.join(metadata['experts'])})")
+    print(f"exported {task} run {args.model} to {path} ({description})")
     return 0
