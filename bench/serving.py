@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import http.client
 import json
 import os
@@ -181,17 +182,18 @@ def load(target: str, requests: list, clients: int, per_client: int, timeout: fl
     return drive(clients, per_client, connect)
 
 
-def rest_load(target: str, bodies: list[bytes], clients: int, per_client: int, timeout: float = 60.0) -> dict:
-    """REST clients, each with its own keep-alive HTTP connection, POSTing `:predict` bodies."""
+def http_load(path: str, target: str, payloads: list[tuple[dict, bytes]], clients: int, per_client: int,
+              timeout: float = 60.0) -> dict:
+    """REST clients, each with its own keep-alive HTTP connection, POSTing `(headers, body)`
+    payloads to `path`."""
     host, port = target.rsplit(":", 1)
-    headers = {"Content-Type": "application/json"}
 
     def connect(index: int):
         connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
-        body = bodies[index % len(bodies)]
+        headers, body = payloads[index % len(payloads)]
 
         def call() -> int:
-            connection.request("POST", "/v1/models/kvlm:predict", body, headers)
+            connection.request("POST", path, body, headers)
             response = connection.getresponse()
             response.read()
             if response.status != 200:
@@ -203,35 +205,13 @@ def rest_load(target: str, bodies: list[bytes], clients: int, per_client: int, t
     return drive(clients, per_client, connect)
 
 
-def rest_bodies(images: list[bytes], texts: list[str]) -> list[bytes]:
-    """Row-format `:predict` bodies, one example each, images as `{"b64": ...}`."""
+def rest_bodies(images: list[bytes], texts: list[str]) -> list[tuple[dict, bytes]]:
+    """Row-format `:predict` payloads, one example each, images as `{"b64": ...}`."""
+    headers = {"Content-Type": "application/json"}
     return [
-        json.dumps({"instances": [{"image_bytes": {"b64": base64.b64encode(i).decode()}, "text": t}]}).encode()
+        (headers, json.dumps({"instances": [{"image_bytes": {"b64": base64.b64encode(i).decode()}, "text": t}]}).encode())
         for i, t in zip(images, texts)
     ]
-
-
-def v2_rest_load(target: str, bodies: list[tuple[int, bytes]], clients: int, per_client: int, timeout: float = 60.0) -> dict:
-    """Open Inference Protocol REST clients, each with its own keep-alive HTTP connection, POSTing
-    `/v2/models/kvlm/infer` bodies under the binary tensor data extension (`v2_rest_bodies`)."""
-    host, port = target.rsplit(":", 1)
-
-    def connect(index: int):
-        connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
-        header_length, body = bodies[index % len(bodies)]
-        headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(header_length)}
-
-        def call() -> int:
-            connection.request("POST", "/v2/models/kvlm/infer", body, headers)
-            response = connection.getresponse()
-            response.read()
-            if response.status != 200:
-                raise RequestFailed(f"HTTP {response.status}")
-            return 0
-
-        return call, connection.close
-
-    return drive(clients, per_client, connect)
 
 
 def v2_grpc_load(target: str, requests: list, clients: int, per_client: int, timeout: float = 60.0) -> dict:
@@ -263,17 +243,19 @@ def _bytes_element(value: bytes) -> bytes:
     return len(value).to_bytes(4, "little") + value
 
 
-def v2_rest_bodies(images: list[bytes], texts: list[str]) -> list[tuple[int, bytes]]:
-    """`(JSON header length, body)` of one-example infer requests: both inputs as binary BYTES."""
-    bodies = []
+def v2_rest_bodies(images: list[bytes], texts: list[str]) -> list[tuple[dict, bytes]]:
+    """Open Inference Protocol infer payloads, one example each, under the binary tensor data
+    extension: both inputs as binary BYTES, outputs asked in binary."""
+    payloads = []
     for image, text in zip(images, texts):
         raw = [_bytes_element(image), _bytes_element(text.encode())]
         header = json.dumps({"inputs": [
             {"name": name, "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(r)}}
             for name, r in zip(("image_bytes", "text"), raw)
         ], "parameters": {"binary_data_output": True}}).encode()
-        bodies.append((len(header), header + b"".join(raw)))
-    return bodies
+        headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}
+        payloads.append((headers, header + b"".join(raw)))
+    return payloads
 
 
 def v2_grpc_requests(images: list[bytes], texts: list[str]) -> list:
@@ -291,8 +273,8 @@ def v2_grpc_requests(images: list[bytes], texts: list[str]) -> list:
 
 
 # Each API's load: its function, and whether it goes to the REST port.
-LOADS = {"grpc": (load, False), "rest": (rest_load, True), "v2_rest": (v2_rest_load, True),
-         "v2_grpc": (v2_grpc_load, False)}
+LOADS = {"grpc": (load, False), "rest": (functools.partial(http_load, "/v1/models/kvlm:predict"), True),
+         "v2_rest": (functools.partial(http_load, "/v2/models/kvlm/infer"), True), "v2_grpc": (v2_grpc_load, False)}
 
 
 def batch1_latencies(version_dir: Path, target: str, request, image: bytes, text: str, calls: int):
