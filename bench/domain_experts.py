@@ -195,7 +195,8 @@ def split_routing(experts, key_features: dict[str, np.ndarray], features: dict[s
 
 def random_keyed(experts, pooled: np.ndarray, rng: np.random.Generator) -> list:
     """`experts` each keyed (Gaussian key and abstention threshold) on its own random sample of
-    `pooled`, routing features of every domain's inputs mixed: routing that knows no domain."""
+    `pooled`, routing features of every domain's inputs mixed, and without their question keys:
+    routing that knows no domain."""
     from kvlm.domain_experts.routing import abstention_threshold
     from kvlm.layers.moe.keys import gaussian_key
 
@@ -203,7 +204,8 @@ def random_keyed(experts, pooled: np.ndarray, rng: np.random.Generator) -> list:
     for expert in experts:
         sample = pooled[rng.choice(len(pooled), size=len(pooled) // 2, replace=False)]
         key = gaussian_key(sample)
-        keyed.append(replace(expert, keys=key[None], threshold=abstention_threshold(sample)))
+        keyed.append(replace(expert, keys=key[None], threshold=abstention_threshold(sample), question_key=None,
+                             question_threshold=None, image_threshold=None))
     return keyed
 
 

@@ -325,7 +325,8 @@ def check_plugin(
 
 def check_trained(spec: ExpertSpec) -> None:
     """Checks that the trained expert `spec.trained` ships (loads; an adapter expert with one key of
-    the routing feature and a finite threshold, an FFN expert with one key per fusion block plus
+    the routing feature and a finite threshold, and, with a question key, finite image and
+    question thresholds; an FFN expert with one key per fusion block plus
     the head's; weights of matching widths) under the spec's name and domain."""
     import numpy as np
 
@@ -344,6 +345,11 @@ def check_trained(spec: ExpertSpec) -> None:
         if expert.keys.shape[0] != 1 or expert.threshold is None or not np.isfinite(expert.threshold):
             _fail(f"{spec.name}: {path} is an adapter expert with {expert.keys.shape[0]} router keys and threshold "
                   f"{expert.threshold} (expected one key and a finite threshold)")
+        gates = (expert.image_threshold, expert.question_threshold)
+        if expert.question_key is not None and (None in gates or not np.all(np.isfinite(gates))
+                                                or expert.question_key.ndim != 1 or not np.all(expert.question_key < 0)):
+            _fail(f"{spec.name}: {path} has a question key of shape {expert.question_key.shape} with image and question "
+                  f"thresholds {gates} (expected log-probabilities over its vocabulary and two finite thresholds)")
     elif expert.keys.shape[0] != len(expert.ffn_weights) + 1 or any(
             w[0].shape[0] != d_model or expert.keys.shape[-1] != d_model for w in expert.ffn_weights):
         _fail(f"{spec.name}: {path} has {expert.keys.shape[0]} router keys for {len(expert.ffn_weights)} fusion blocks "

@@ -8,7 +8,7 @@ Not to be confused with `kvlm.experts`, the plugin contract for expert *layers* 
 - `expert`: a trained `DomainExpert` and its folder format (adapter or FFN expert);
 - `specialist`: the model an expert trains in (`kvlm train --task domain_expert`);
 - `adapters`: LoRA adapters through the base, trained, saved and run per example;
-- `routing`: the router keys and abstention threshold an author fits on their own data;
+- `routing`: the router keys, question keys and abstention thresholds an author fits on their own data;
 - `install`: the base with experts installed (`install_experts`);
 - `multi_adapter`: the layer that runs many adapter experts on one frozen base;
 - `report`: per-domain accuracy and routing of an installed model (`kvlm experts install`);

@@ -5,7 +5,9 @@ Two kinds share the format:
 - an adapter expert (`kind == "adapters"`) carries low-rank adapters through the whole
   path (`expert.lora.h5`, keras-hub's layout), its own answer head over all of its answers,
   its new words' rows, one Gaussian key of the base encoders' routing feature and the
-  log-likelihood below which it abstains;
+  log-likelihood below which it abstains, and (optional: older experts lack them) a question key
+  over its own vocabulary, with the score below which it abstains, and the log-likelihood
+  below which its key's image half abstains;
 - an FFN expert (`kind == "ffn"`, the first kind) carries a branch of each fusion block's
   feed-forward network, columns for the answers the base lacks and one key per block.
 """
@@ -46,6 +48,11 @@ class DomainExpert:
         metrics: The specialist's held-out figures (e.g. `accuracy`).
         adapters: Adapter expert: `{layer index: (a, b)}` (`kvlm.domain_experts.adapters`).
         threshold: Adapter expert: the log-likelihood under its key below which it abstains.
+        question_key: Adapter expert, optional: `(base vocabulary + words,)` log-probabilities of
+            its questions' tokens in its own tokenizer's ids (`routing.question_key`).
+        question_threshold: With `question_key`: the question score below which it abstains.
+        image_threshold: With `question_key`: the log-likelihood of the image half of the routing
+            feature under its key's marginal (`routing.marginal_key`) below which it abstains.
     """
 
     name: str
@@ -61,6 +68,9 @@ class DomainExpert:
     metrics: dict[str, Any] = field(default_factory=dict)
     adapters: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     threshold: float | None = None
+    question_key: np.ndarray | None = None
+    question_threshold: float | None = None
+    image_threshold: float | None = None
 
     @property
     def kind(self) -> str:
@@ -75,12 +85,16 @@ class DomainExpert:
                   "answer_bias": self.answer_bias, "keys": self.keys}
         for i, weights in enumerate(self.ffn_weights):
             arrays |= {f"ffn_{i}_{j}": w for j, w in enumerate(weights)}
+        if self.question_key is not None:
+            arrays["question_key"] = self.question_key
         np.savez_compressed(directory / WEIGHTS_FILE, **{k: np.asarray(v, np.float32) for k, v in arrays.items()})
         meta = {k: v for k, v in asdict(self).items() if k in ("name", "domain", "base", "words", "answers", "metrics")}
         meta["fusion_blocks"] = len(self.ffn_weights)
         if self.adapters:
             save_adapters(self.adapters, directory / LORA_FILE)
             meta |= {"kind": self.kind, "threshold": self.threshold}
+        if self.question_key is not None:
+            meta |= {"question_threshold": self.question_threshold, "image_threshold": self.image_threshold}
         (directory / EXPERT_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         return directory
 
@@ -100,4 +114,5 @@ class DomainExpert:
         with np.load(directory / WEIGHTS_FILE) as arrays:
             ffn = [[arrays[f"ffn_{i}_{j}"] for j in range(4)] for i in range(meta.pop("fusion_blocks"))]
             return cls(**meta, ffn_weights=ffn, word_embeddings=arrays["word_embeddings"],
-                       answer_kernel=arrays["answer_kernel"], answer_bias=arrays["answer_bias"], keys=arrays["keys"])
+                       answer_kernel=arrays["answer_kernel"], answer_bias=arrays["answer_bias"], keys=arrays["keys"],
+                       question_key=arrays["question_key"] if "question_key" in arrays else None)

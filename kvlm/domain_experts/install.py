@@ -21,6 +21,7 @@ from kvlm.domain_experts.base import Base, check_base
 from kvlm.domain_experts.expert import DomainExpert
 from kvlm.domain_experts.layers import OFF
 from kvlm.domain_experts.multi_adapter import AdapterExperts
+from kvlm.domain_experts.routing import OPEN_GATE, marginal_key
 from kvlm.layers.fusion import FeedForward
 from kvlm.layers.moe import SparseMoE
 from kvlm.layers.moe.banks import LayerBank
@@ -174,8 +175,9 @@ def _install_adapters(base: Base, experts: Sequence[DomainExpert]) -> InstalledM
             rank = max(a.shape[-1], shapes.get(index, ((0,), ()))[0][-1])
             shapes[index] = (a.shape[:-1] + (rank,), (rank, b.shape[-1]))
     unknown_id = base.unknown_id
+    input_gates = any(e.question_key is not None for e in experts)
     layer = AdapterExperts(backbone, names, shapes, len(base.vocabulary), unknown_id, len(vocabulary), len(answers),
-                           experts[0].keys.shape[-1], name="adapter_experts")
+                           experts[0].keys.shape[-1], input_gates=input_gates, name="adapter_experts")
     inputs = {name: keras.Input(tensor.shape[1:], dtype=tensor.dtype, name=name)
               for name, tensor in base.model.backbone.input.items()}
     model = keras.Model(inputs, layer(inputs), name="installed_experts")
@@ -205,4 +207,24 @@ def _install_adapters(base: Base, experts: Sequence[DomainExpert]) -> InstalledM
     layer.answer_biases.assign(biases)
     layer.router_keys.assign(np.stack([e.keys[0] for e in experts]))
     layer.thresholds.assign(np.array([e.threshold for e in experts], np.float32))
+    if input_gates:
+        gated = [e.question_key is not None for e in experts]
+        image = experts[0].keys.shape[-1] // 2
+        open_key = np.concatenate([np.zeros((1, image)), np.eye(image)])  # any valid key: its gate is open
+        layer.image_keys.assign(np.stack([marginal_key(e.keys[0], image) if g else open_key
+                                          for e, g in zip(experts, gated)]))
+        layer.question_log_probs.assign(np.stack([_installed_question_key(e, base, vocabulary) for e in experts], 1))
+        for thresholds, name in ((layer.image_thresholds, "image_threshold"),
+                                 (layer.question_thresholds, "question_threshold")):
+            thresholds.assign(np.array([getattr(e, name) if g else OPEN_GATE for e, g in zip(experts, gated)],
+                                       np.float32))
     return InstalledModel(model, vocabulary, answers, names, {e.name: e.domain for e in experts})
+
+
+def _installed_question_key(expert: DomainExpert, base: Base, vocabulary: list[str]) -> np.ndarray:
+    """`expert`'s question key over the installed `vocabulary`: a word the expert's tokenizer
+    lacks reads as its unknown id. An expert without a question key scores every question 0."""
+    if expert.question_key is None:
+        return np.zeros(len(vocabulary), np.float32)
+    own = {word: i for i, word in enumerate(base.vocabulary + list(expert.words))}
+    return expert.question_key[[own.get(word, base.unknown_id) for word in vocabulary]].astype(np.float32)

@@ -12,6 +12,7 @@ import numpy as np
 from keras import ops
 
 from kvlm.domain_experts.adapters import check_adaptable, per_example_delta, pre_activation, weighted_layers
+from kvlm.domain_experts.routing import OPEN_GATE, question_scores
 from kvlm.layers.moe.keys import key_logits, l2_normalize
 
 
@@ -56,7 +57,9 @@ class AdapterExperts(keras.layers.Layer):
     """Answers of a frozen base backbone with adapter experts installed.
 
     Each example is routed on the base's encoders (`routing_feature`, `route`): to the expert whose
-    key fits it best among those whose abstention threshold it passes, else to the base. It then
+    key fits it best among those whose abstention threshold it passes (and, with input gates,
+    whose image key's threshold its image passes and whose question key's threshold its
+    question passes: `routing.question_scores` in the installed vocabulary), else to the base. It then
     runs through the whole backbone, where every adapted layer adds its expert's
     low-rank term (`per_example_delta`), its words use the expert's own rows (words it does not
     know, the base's unknown row) and its answers come from the expert's own head; an example
@@ -71,13 +74,16 @@ class AdapterExperts(keras.layers.Layer):
         num_words: Words of the installed vocabulary (the base's, then the experts' new ones).
         num_answers: Answers of the installed model.
         num_routing_features: Width of the routing feature.
+        input_gates: Whether the image and the question each gate the routing on their own
+            (`route_gates`); an expert without image and question keys opens both gates.
 
     Input: `{"images", "token_ids"}` in the installed vocabulary. Output: `(batch, num_answers)`
     float32 logits.
     """
 
     def __init__(self, backbone, experts: Sequence[str], adapter_shapes: dict, base_vocabulary_size: int,
-                 unknown_id: int, num_words: int, num_answers: int, num_routing_features: int, **kwargs):
+                 unknown_id: int, num_words: int, num_answers: int, num_routing_features: int,
+                 input_gates: bool = False, **kwargs):
         super().__init__(**kwargs)
         if isinstance(backbone, dict):
             backbone = keras.saving.deserialize_keras_object(backbone)
@@ -94,6 +100,7 @@ class AdapterExperts(keras.layers.Layer):
         self.num_words = num_words
         self.num_answers = num_answers
         self.num_routing_features = num_routing_features
+        self.input_gates = bool(input_gates)
         self._routing = threading.local()
 
     def build(self, input_shape=None):
@@ -116,6 +123,15 @@ class AdapterExperts(keras.layers.Layer):
         self.router_keys = weight((len(self.experts), self.num_routing_features + 1, self.num_routing_features),
                                   "router_keys", dtype="float32", autocast=False)
         self.thresholds = weight((len(self.experts),), "thresholds", dtype="float32", autocast=False)
+        if self.input_gates:
+            image = self.num_routing_features // 2
+            self.image_keys = weight((len(self.experts), image + 1, image), "image_keys", dtype="float32",
+                                     autocast=False)
+            self.image_thresholds = weight((len(self.experts),), "image_thresholds", dtype="float32", autocast=False)
+            self.question_log_probs = weight((self.num_words, len(self.experts)), "question_log_probs",
+                                             dtype="float32", autocast=False)
+            self.question_thresholds = weight((len(self.experts),), "question_thresholds", dtype="float32",
+                                              autocast=False)
 
     def adapters(self) -> dict[int, tuple]:
         """`{layer index: (a, b)}` stacked adapter weights, slot first."""
@@ -157,9 +173,21 @@ class AdapterExperts(keras.layers.Layer):
 
     def routed_slots(self, inputs: dict, allowed=None):
         """`(slots, weights)` of `route`: 0 for the base, `e + 1` for expert `e`."""
-        token_ids = base_token_ids(inputs["token_ids"], self.base_vocabulary_size, self.unknown_id)
-        features = routing_feature(self.backbone, inputs["images"], token_ids)
+        token_ids = ops.cast(inputs["token_ids"], "int32")
+        base_ids = base_token_ids(token_ids, self.base_vocabulary_size, self.unknown_id)
+        features = routing_feature(self.backbone, inputs["images"], base_ids)
+        if self.input_gates:
+            gates = self.route_gates(features, token_ids)
+            allowed = gates if allowed is None else ops.logical_and(ops.cast(allowed, "bool"), gates)
         return route(features, self.router_keys, self.thresholds, allowed)
+
+    def route_gates(self, features, token_ids):
+        """Bool `(batch, experts)`: whether each expert's image key admits the image half of the
+        routing `features` and its question key the question (`token_ids`, installed vocabulary)."""
+        image = key_logits(features[:, : self.num_routing_features // 2], self.image_keys)
+        question = question_scores(token_ids, self.question_log_probs)
+        return ops.logical_and(ops.greater_equal(image, self.image_thresholds[None]),
+                               ops.greater_equal(question, self.question_thresholds[None]))
 
     def answer(self, inputs: dict, allowed=None):
         """`(logits, slots, weights)`: the answers' float32 logits and where each example was routed
@@ -193,5 +221,6 @@ class AdapterExperts(keras.layers.Layer):
             num_words=self.num_words,
             num_answers=self.num_answers,
             num_routing_features=self.num_routing_features,
+            input_gates=self.input_gates,
         )
         return config

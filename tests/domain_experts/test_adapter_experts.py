@@ -59,6 +59,8 @@ def test_the_task_writes_an_adapter_expert_over_all_of_its_answers(base, shops):
     assert set(expert.answers) >= set(base.answers) & {e.answer for e in held_out}
     assert expert.answer_kernel.shape == (64, len(expert.answers)) and not expert.ffn_weights
     assert expert.keys.shape == (1, 129, 128) and np.isfinite(expert.threshold)
+    assert np.isfinite(expert.image_threshold) and np.isfinite(expert.question_threshold)
+    assert expert.question_key.shape == (len(base.vocabulary) + len(expert.words),)
     alone = answer_accuracy(base.model, held_out, base.tokenizer, base.answers, 32)
     assert summary["expert"]["accuracy"] >= alone + 0.3, (alone, summary["expert"]["accuracy"])
 
@@ -91,6 +93,11 @@ def test_inputs_no_expert_fits_are_answered_by_the_base_unchanged(base, shops):
     assert (routed_slots(installed.model, legal, tokenizer, 32) == 0).mean() >= 0.95
     mismatched = [replace(e, question=g.question, answer=g.answer) for e, g in zip(held_out, general)]
     assert (routed_slots(installed.model, mismatched, tokenizer, 32) == 0).mean() >= 0.9
+    # Its image gate turns away legal images asked retail questions; its question gate, retail
+    # images asked legal questions (whose words the base reads as one unknown word).
+    for images, questions in ((legal, held_out), (held_out, legal)):
+        pairs = [replace(i, question=q.question, answer=q.answer) for i, q in zip(images, questions)]
+        assert (routed_slots(installed.model, pairs, tokenizer, 32) == 0).mean() >= 0.95
 
 
 def test_two_experts_of_one_domain_split_it_and_each_answers_as_its_specialist(base, shops):
@@ -108,7 +115,10 @@ def test_two_experts_of_one_domain_split_it_and_each_answers_as_its_specialist(b
 
 def test_the_installed_model_round_trips_and_refuses_mixed_kinds(base, shops, tmp_path):
     (expert, _, _), (shelf, _, _), held_out = shops
-    installed = install_experts(base, [expert, shelf])
+    # An expert written before question keys beside one with them: its image and question gates stay open.
+    older = replace(shelf, question_key=None, question_threshold=None, image_threshold=None)
+    installed = install_experts(base, [expert, older])
+    assert (routed_slots(installed.model, held_out, installed.tokenizer, 32) > 0).mean() >= 0.95
     data = make_dataset(held_out[:64], installed.tokenizer, installed.answers, 32, 64)
     installed.model.save(tmp_path / "installed.keras")
     restored = keras.saving.load_model(tmp_path / "installed.keras")

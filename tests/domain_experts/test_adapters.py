@@ -177,3 +177,47 @@ def test_abstention_threshold_lets_its_quantile_of_unseen_inputs_fall_to_the_bas
     assert np.mean(logits(fresh) < np.quantile(logits(own), 0.01)) > 3 * turned_away
     with pytest.raises(ValueError, match="at least 10 key examples. Received: 9"):
         abstention_threshold(own[:9])
+
+
+@pytest.mark.backend_independent
+def test_the_marginal_of_a_gaussian_key_is_the_key_of_those_features_alone():
+    from kvlm.domain_experts.routing import marginal_key
+    from kvlm.layers.moe.keys import gaussian_key
+
+    features = RNG.normal(size=(400, 12)) @ RNG.normal(size=(12, 12)) * 0.1
+    np.testing.assert_allclose(marginal_key(gaussian_key(features), 5), gaussian_key(features[:, :5]), atol=2e-3)
+
+
+def test_question_key_admits_its_authors_questions_and_turns_away_other_words():
+    """A vocabulary of 40 ids: the author asks with ids 1-20 (a Zipf-like unigram), another domain
+    with ids 15-40. Fresh questions of the author fall below the threshold at about its quantile;
+    questions with two of the other domain's own words (21-40) almost never pass."""
+    from kvlm.domain_experts.routing import question_key, question_scores, question_threshold
+
+    rng = np.random.default_rng(0)
+    own_words = np.arange(1, 21)
+    own_p = 1.0 / own_words / np.sum(1.0 / own_words)
+
+    def questions(n, words, p=None):
+        ids = rng.choice(words, size=(n, 8), p=p)
+        ids[rng.integers(4, 9, size=(n, 1)) <= np.arange(8)] = 0  # 4 to 8 real tokens, then padding
+        return ids
+
+    own, held_out, fresh = questions(3000, own_words, own_p), questions(300, own_words, own_p), questions(5000, own_words, own_p)
+    other = questions(5000, own_words, own_p)
+    other[:, :2] = rng.integers(21, 41, size=(5000, 2))
+    key = question_key(own, 41)
+    assert key.shape == (41,) and np.isclose(np.exp(key).sum(), 1.0, atol=1e-4)
+    threshold = question_threshold(own, 41, held_out, quantile=0.01)
+
+    def scores(ids):
+        return keras.ops.convert_to_numpy(question_scores(ids, key))
+
+    assert np.mean(scores(fresh) < threshold) <= 0.02
+    assert np.mean(scores(other) >= threshold) <= 0.02
+    # Scores under several keys at once are the columns; padding never counts; an empty question scores 0.
+    both = keras.ops.convert_to_numpy(question_scores(fresh[:5], np.stack([key, key[::-1]], 1)))
+    np.testing.assert_allclose(both[:, 0], scores(fresh[:5]), atol=1e-6)
+    np.testing.assert_allclose(scores(np.array([[3, 3, 0, 0], [0, 0, 0, 0]])), [key[3], 0.0], atol=1e-6)
+    with pytest.raises(ValueError, match=r"Token ids must lie in \[0, 41\). Received: ids from 1 to 41"):
+        question_key(np.array([[1, 41]]), 41)

@@ -203,6 +203,17 @@ def test_shipped_experts_install_route_and_predict_on_every_backend(base, shippe
         alone = answer_accuracy(base.model, examples, base.tokenizer, base.answers, base.image_size)
         # The general task keeps the base's answers; each domain gains well over chance from its expert.
         assert accuracy >= (alone - 0.02 if domain == "general" else alone + 0.3), (domain, alone, accuracy)
+    if any(e.kind == "adapters" for e in installed_experts(installed.experts)):
+        # One domain's image asked another domain's question: no expert was trained for the pair, so
+        # the image gate of the question's expert or the question gate of the image's sends it to the base.
+        to_base = {}
+        for image_domain, images in held_out.items():
+            for question_domain, questions in held_out.items():
+                if image_domain != question_domain:
+                    pairs = [replace(i, question=q.question, answer=q.answer) for i, q in zip(images, questions)]
+                    to_base[image_domain, question_domain] = (routed_slots(installed.model, pairs, tokenizer,
+                                                                           base.image_size) == 0).mean()
+        assert np.mean(list(to_base.values())) >= 0.95 and min(to_base.values()) >= 0.8, to_base
     examples = [e for group in held_out.values() for e in group][::3]
     data = make_dataset(examples, tokenizer, answers, base.image_size, len(examples))
     path = tmp_path / "installed.keras"

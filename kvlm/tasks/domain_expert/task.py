@@ -10,8 +10,9 @@ shared loop; the run folder is a classifier run folder (`kvlm evaluate` and `kvl
 treat it as one) plus:
 
 - `expert/`: the `DomainExpert` (adapters or FFN weights, router keys computed on the training
-  data, an adapter expert's abstention threshold calibrated on the held-out data, new words
-  and answers, the base fingerprint, the specialist's held-out accuracy);
+  data, an adapter expert's question key over its training questions and both abstention
+  thresholds calibrated on all its data, new words and answers, the base fingerprint, the
+  specialist's held-out accuracy);
 - `plugin/`: a pip-installable plugin distribution shipping `expert/`
   (`kvlm.domain_experts.packaging.write_plugin`), so `pip install <run>/plugin` installs it.
 """
@@ -22,19 +23,19 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 
 from kvlm.data import make_dataset, make_tokenizer, missing_words
 from kvlm.domain_experts.base import Base
 from kvlm.domain_experts.expert import DomainExpert
 from kvlm.domain_experts.packaging import write_plugin
-from kvlm.domain_experts.routing import KEY_EXAMPLES, abstention_threshold, base_routing_features, router_keys
+from kvlm.domain_experts.routing import KEY_EXAMPLES, adapter_routing, router_keys
 from kvlm.domain_experts.specialist import (
     adapter_specialist_model,
     adapter_specialist_weights,
     specialist_model,
     specialist_weights,
 )
-from kvlm.layers.moe.keys import gaussian_key
 from kvlm.runs import TrainConfig
 from kvlm.tasks.base import ClassifierTask, TrainData, trained_line
 from kvlm.tasks.domain_expert import INFO
@@ -106,12 +107,10 @@ class DomainExpertTask(ClassifierTask):
         metrics = {"accuracy": held_out_accuracy, "train_examples": len(data.train),
                    "eval_examples": len(data.held_out), "epochs": config.epochs}
         if config.options["kind"] == "adapters":
-            key_features = base_routing_features(base, keys_data)
-            key = gaussian_key(key_features)
             held_out = make_dataset(data.held_out, data.tokenizer, data.answers, data.image_size, 256)
-            threshold = abstention_threshold(key_features, base_routing_features(base, held_out))
-            parts = dict(answers=data.answers, keys=key[None], threshold=threshold, ffn_weights=[],
-                         **adapter_specialist_weights(model))
+            questions = [np.asarray(data.tokenizer([e.question for e in examples])) for examples in (data.train, data.held_out)]
+            parts = dict(answers=data.answers, ffn_weights=[], **adapter_specialist_weights(model),
+                         **adapter_routing(base, keys_data, held_out, *questions, len(data.vocabulary)))
             metrics["adapter_rank"] = config.options["adapter_rank"]
         else:
             parts = dict(answers=data.answers[len(base.answers):], keys=router_keys(model, keys_data),
