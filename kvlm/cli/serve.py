@@ -57,6 +57,9 @@ def register(subparsers) -> None:
     serve.add_argument("--grpc_max_threads", type=int, default=64, help="threads handling calls")
     serve.add_argument("--tensorflow_intra_op_parallelism", type=int, default=0, help="0: TensorFlow's default")
     serve.add_argument("--tensorflow_inter_op_parallelism", type=int, default=0, help="0: TensorFlow's default")
+    serve.add_argument("--tensorflow_thread_spinning", action=argparse.BooleanOptionalAction, default=False,
+                       help="let TensorFlow's idle threads spin for work (off: they leave the CPU to the threads "
+                            "that answer requests)")
     serve.add_argument("--shutdown_grace_seconds", type=float, default=10.0,
                        help="time in-flight calls get to finish on SIGTERM/SIGINT")
     serve.set_defaults(handler=run_serve)
@@ -136,7 +139,8 @@ def run_serve(args) -> int:
     options = server_options(args)
     from kvlm.serving.server import configure_tensorflow, serve
 
-    configure_tensorflow(args.tensorflow_intra_op_parallelism, args.tensorflow_inter_op_parallelism)
+    configure_tensorflow(args.tensorflow_intra_op_parallelism, args.tensorflow_inter_op_parallelism,
+                         args.tensorflow_thread_spinning)
     return serve(options)
 
 

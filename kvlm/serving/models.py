@@ -76,14 +76,31 @@ def _tensor_spec(info: meta_graph_pb2.TensorInfo) -> tf.TensorSpec:
     return tf.TensorSpec(tf.TensorShape(info.tensor_shape), tf.as_dtype(info.dtype))
 
 
+# Whether TensorFlow's idle intra-op threads spin for work (`set_thread_spinning`).
+_thread_spinning = False
+
+
+def set_thread_spinning(enabled: bool) -> None:
+    """Lets sessions loaded from now on keep their idle intra-op threads spinning for work.
+
+    Off by default: threads that spin after a request's ops finish take the CPU from the threads
+    that send its response (measured on 2 cores, batch 1: served p50 1.13x a direct call with
+    spinning, 0.8-0.9x without).
+    """
+    global _thread_spinning
+    _thread_spinning = bool(enabled)
+
+
 def _session_config() -> tf.compat.v1.ConfigProto:
-    """The process's thread pool sizes (`configure_tensorflow`), soft placement, GPU memory on demand."""
+    """The process's thread pool sizes (`configure_tensorflow`) and thread spinning
+    (`set_thread_spinning`), soft placement, GPU memory on demand."""
     config = tf.compat.v1.ConfigProto(
         intra_op_parallelism_threads=tf.config.threading.get_intra_op_parallelism_threads(),
         inter_op_parallelism_threads=tf.config.threading.get_inter_op_parallelism_threads(),
         allow_soft_placement=True,
     )
     config.gpu_options.allow_growth = True
+    config.experimental.disable_thread_spinning = not _thread_spinning
     return config
 
 

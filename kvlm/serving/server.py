@@ -27,7 +27,7 @@ from kvlm.serving.config import ServerOptions
 from kvlm.serving.errors import ServingError
 from kvlm.serving.health import HEALTH_METHOD_PREFIX, HealthService, Readiness
 from kvlm.serving.metrics import Metrics
-from kvlm.serving.models import ModelManager
+from kvlm.serving.models import ModelManager, set_thread_spinning
 from kvlm.serving.open_inference_grpc import InferenceServicer, add_inference_servicer
 from kvlm.serving.open_inference_protos import PROBE_METHODS
 from kvlm.serving.service import InferenceService
@@ -221,8 +221,10 @@ class Server:
         self.stop()
 
 
-def configure_tensorflow(intra_op: int = 0, inter_op: int = 0) -> None:
-    """Sets TensorFlow's thread pools (0 = TensorFlow's default); call before loading."""
+def configure_tensorflow(intra_op: int = 0, inter_op: int = 0, thread_spinning: bool = False) -> None:
+    """Sets TensorFlow's thread pools (0 = TensorFlow's default) and whether their idle threads
+    spin (`kvlm.serving.models.set_thread_spinning`); call before loading."""
+    set_thread_spinning(thread_spinning)
     if intra_op:
         tf.config.threading.set_intra_op_parallelism_threads(intra_op)
     if inter_op:

@@ -145,3 +145,21 @@ def test_rest_monitoring_and_limit_flags(tmp_path):
     monitoring.write_text("prometheus_config { enable: true, path: 'metrics' }\n")
     with pytest.raises(ValueError, match="must start with '/'"):
         server_options(parser.parse_args(base + ["--rest_api_port", "0", "--monitoring_config_file", str(monitoring)]))
+
+
+def test_sessions_leave_idle_threads_asleep_unless_asked_to_spin(tmp_path):
+    """`--tensorflow_thread_spinning` reaches the sessions loaded after it; off by default."""
+    from kvlm.cli import build_parser
+    from kvlm.serving import models
+    from kvlm.serving.server import configure_tensorflow
+
+    parser = build_parser()
+    base = ["serve", "--model_base_path", str(tmp_path)]
+    assert parser.parse_args(base).tensorflow_thread_spinning is False
+    assert parser.parse_args(base + ["--tensorflow_thread_spinning"]).tensorflow_thread_spinning is True
+    try:
+        configure_tensorflow(thread_spinning=True)
+        assert models._session_config().experimental.disable_thread_spinning is False
+    finally:
+        configure_tensorflow()
+    assert models._session_config().experimental.disable_thread_spinning is True
