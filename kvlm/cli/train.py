@@ -110,6 +110,9 @@ def register(subparsers) -> None:
     train.add_argument("--preset", default="kvlm_tiny", choices=PRESETS,
                        help="model preset (distillation: see --student-preset)")
     train.add_argument("--encoder", default="cnn", choices=["vit", "cnn"], help="image encoder (distillation: the student's)")
+    train.add_argument("--image-encoder", default=None, metavar="PRESET",
+                       help="vqa: a keras-hub vision preset (Kaggle or Hugging Face handle, or a local folder) as the "
+                       "image encoder, with its pretrained weights, in place of --encoder")
     train.add_argument("--data-dir", default=None, help="folder with images and annotations.jsonl")
     train.add_argument(
         "--datasets", type=_dataset_names, default=None,
@@ -184,6 +187,8 @@ def train_config_fields(args) -> dict:
         overrides={"moe": {"experts": args.moe_experts, "top_k": args.moe_top_k}} if args.moe_experts else {},
         task_options={},
     )
+    if args.image_encoder:
+        fields["overrides"]["image_encoder"] = args.image_encoder
     info.check_refused(fields)
     for option in info.options:
         value = getattr(args, option.name, None)

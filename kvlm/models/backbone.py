@@ -28,6 +28,9 @@ class VLMBackbone(keras.Model):
         dropout: Dropout rate.
         moe: Optional `kvlm.layers.SparseMoE` arguments; when given, every other fusion
             block (the 2nd, 4th, ...) uses a SparseMoE feed-forward (V-MoE placement).
+        image_encoder: Optional keras-hub vision encoder in place of kvlm's own: a preset handle
+            (Kaggle, Hugging Face or a local folder, with its pretrained weights), a keras-hub
+            `Backbone`, or a serialized `kvlm.hub.HubImageEncoder`. It sets `image_size`.
 
     Outputs a dict: `sequence_output` `(batch, 1 + N + L, hidden_dim)`, `pooled_output`
     (the [CLS] token), `padding_mask` and `modality` ids of the fused sequence.
@@ -50,9 +53,14 @@ class VLMBackbone(keras.Model):
         num_fusion_layers: int = 2,
         dropout: float = 0.0,
         moe: dict[str, Any] | None = None,
+        image_encoder: str | keras.Model | dict | None = None,
         dtype=None,
         **kwargs,
     ):
+        hub_encoder = None
+        if image_encoder is not None:
+            hub_encoder = encoders.hub_image_encoder(image_encoder, hidden_dim, dtype)
+            image_size = hub_encoder.image_size
         sizes = dict(
             encoder=encoder, image_size=image_size, patch_size=patch_size, cnn_filters=cnn_filters,
             cnn_stages=cnn_stages, sequence_length=sequence_length, hidden_dim=hidden_dim, num_heads=num_heads,
@@ -61,7 +69,7 @@ class VLMBackbone(keras.Model):
         )
         images = keras.Input((image_size, image_size, 3), dtype="float32", name="images")
         token_ids = keras.Input((sequence_length,), dtype="int32", name="token_ids")
-        image_encoder = encoders.image_encoder(sizes, dtype)
+        image_encoder = hub_encoder or encoders.image_encoder(sizes, dtype)
         text_encoder = encoders.text_encoder(vocabulary_size, sizes, dtype)
         image_tokens = image_encoder(images)
         text_tokens = text_encoder(token_ids)
@@ -98,6 +106,7 @@ class VLMBackbone(keras.Model):
             setattr(self, key, value)
         self.num_fusion_layers = num_fusion_layers
         self.moe = moe
+        self.hub_image_encoder = hub_encoder
 
     @classmethod
     def from_preset(cls, preset: str, vocabulary_size: int, **overrides) -> "VLMBackbone":
@@ -115,6 +124,8 @@ class VLMBackbone(keras.Model):
             **self.sizes,
             "num_fusion_layers": self.num_fusion_layers,
             "moe": self.moe,
+            "image_encoder": None if self.hub_image_encoder is None
+            else keras.saving.serialize_keras_object(self.hub_image_encoder),
         }
 
     @classmethod

@@ -50,3 +50,28 @@ def text_encoder(
         sizes["num_heads"], sizes["intermediate_dim"], sizes["dropout"], dtype=dtype, name=name,
     )
 
+
+
+def hub_image_encoder(image_encoder, hidden_dim: int, dtype=None, name: str = "image_encoder"):
+    """A `kvlm.hub.HubImageEncoder` from a keras-hub preset handle, a keras-hub `Backbone` or a
+    serialized `HubImageEncoder`, projecting to `hidden_dim`.
+
+    Raises:
+        ValueError: `image_encoder` is none of these, or a serialized encoder of another width.
+    """
+    from kvlm.hub import HubImageEncoder
+
+    if isinstance(image_encoder, str):
+        return HubImageEncoder.from_preset(image_encoder, hidden_dim, dtype=dtype, name=name)
+    if isinstance(image_encoder, keras.Model):
+        return HubImageEncoder(image_encoder, hidden_dim, dtype=dtype, name=name)
+    if isinstance(image_encoder, dict):
+        encoder = keras.saving.deserialize_keras_object(image_encoder)
+        if isinstance(encoder, HubImageEncoder) and encoder.hidden_dim == hidden_dim:
+            return encoder
+    raise ValueError(
+        "`image_encoder` must be a keras-hub preset handle, a keras-hub Backbone or a serialized HubImageEncoder "
+        f"of width hidden_dim={hidden_dim}. Received: "
+        + (f"a HubImageEncoder of width {encoder.hidden_dim}" if isinstance(image_encoder, dict) and
+           isinstance(encoder, HubImageEncoder) else f"image_encoder={image_encoder!r}")
+    )

@@ -92,8 +92,14 @@ class Task:
         return config
 
     def preset(self, config: TrainConfig) -> dict[str, Any]:
-        """The preset of `config` with its overrides."""
-        return get_preset(config.preset) | config.overrides
+        """The preset of `config` with its overrides; with a keras-hub `image_encoder`, the image
+        size its preset takes."""
+        preset = get_preset(config.preset) | config.overrides
+        if isinstance(preset.get("image_encoder"), str):
+            from kvlm.hub import preset_image_size
+
+            preset["image_size"] = preset_image_size(preset["image_encoder"])
+        return preset
 
     def examples(self, config: TrainConfig) -> tuple[list, list]:
         """`(train, held_out)` examples: `kvlm.training.examples.load_examples` by default."""
