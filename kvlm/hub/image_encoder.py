@@ -40,8 +40,9 @@ def vision_backbone(backbone: keras.Model) -> keras.Model:
 
 def token_model(backbone: keras.Model) -> keras.Model:
     """`images -> tokens` of a keras-hub vision backbone: its output when that is a token sequence
-    `(batch, tokens, width)` (ViT, CLIP, DINOv2) or a feature map `(batch, h, w, channels)` (ResNet,
-    EfficientNet, MobileNet); the tokens its last layer pools when it pools them (SigLIP's head).
+    `(batch, tokens, width)` (ViT, CLIP, DINOv2) or a feature map `(batch, h, w, channels)` (a
+    convolutional backbone such as ResNet); the tokens its last layer pools when it pools them
+    (SigLIP's head).
 
     Raises:
         ValueError: The backbone's output is none of these.
