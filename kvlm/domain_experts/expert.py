@@ -43,7 +43,7 @@ class DomainExpert:
         word_embeddings: `(len(words), d)`.
         answer_kernel, answer_bias: `(d, len(answers))` and `(len(answers),)`.
         keys: Gaussian router keys (`kvlm.layers.moe.keys`): adapter expert `(1, 2 d + 1, 2 d)`
-            of the base encoders' routing feature (`multi_adapter.routing_feature`); FFN expert
+            of the base encoders' routing feature (`routing.routing_feature`); FFN expert
             `(num_fusion_layers + 1, d + 1, d)`, one per fusion block, then the head's.
         metrics: The specialist's held-out figures (e.g. `accuracy`).
         adapters: Adapter expert: `{layer index: (a, b)}` (`kvlm.domain_experts.adapters`).

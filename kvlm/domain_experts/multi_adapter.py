@@ -12,24 +12,8 @@ import numpy as np
 from keras import ops
 
 from kvlm.domain_experts.adapters import check_adaptable, per_example_delta, pre_activation, weighted_layers
-from kvlm.domain_experts.routing import OPEN_GATE, question_scores
-from kvlm.layers.moe.keys import key_logits, l2_normalize
-
-
-def base_token_ids(token_ids, base_vocabulary_size: int, unknown_id: int):
-    """`token_ids` as the base's tokenizer sees them: words it lacks become its unknown id."""
-    token_ids = ops.cast(token_ids, "int32")
-    return ops.where(ops.greater_equal(token_ids, base_vocabulary_size), unknown_id, token_ids)
-
-
-def routing_feature(backbone: keras.Model, images, token_ids):
-    """`(batch, 2 d)` routing feature on a base backbone's encoders: the mean direction of its
-    image encoder's tokens and that of its text encoder's real tokens (`token_ids` in the base's
-    vocabulary), side by side. The image and the question each have to fit an expert's key."""
-    image = l2_normalize(ops.mean(l2_normalize(backbone.get_layer("image_encoder")(images)), axis=1))
-    real = ops.expand_dims(ops.cast(ops.not_equal(token_ids, 0), "float32"), -1)
-    text = l2_normalize(ops.sum(l2_normalize(backbone.get_layer("text_encoder")(token_ids)) * real, axis=1))
-    return ops.concatenate([image, text], axis=-1)
+from kvlm.domain_experts.routing import base_token_ids, question_scores, routing_feature
+from kvlm.layers.moe.keys import key_logits
 
 
 def route(features, keys, thresholds, allowed=None):

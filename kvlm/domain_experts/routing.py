@@ -16,7 +16,7 @@ from keras import ops
 
 from kvlm.domain_experts.base import Base
 from kvlm.layers.fusion import FusionBlock
-from kvlm.layers.moe.keys import gaussian_key, key_logits
+from kvlm.layers.moe.keys import gaussian_key, key_logits, l2_normalize
 
 # Examples router keys are computed on (their mean settles long before this).
 KEY_EXAMPLES = 2048
@@ -78,11 +78,25 @@ ABSTAIN_QUANTILE = 0.01
 THRESHOLD_FOLDS = 5
 
 
-def base_routing_features(base: Base, dataset) -> np.ndarray:
-    """`(examples, 2 d)` routing features (`multi_adapter.routing_feature`) of `dataset`'s batches
-    on the base's encoders, words the base lacks read as its unknown id."""
-    from kvlm.domain_experts.multi_adapter import base_token_ids, routing_feature
+def base_token_ids(token_ids, base_vocabulary_size: int, unknown_id: int):
+    """`token_ids` as the base's tokenizer sees them: words it lacks become its unknown id."""
+    token_ids = ops.cast(token_ids, "int32")
+    return ops.where(ops.greater_equal(token_ids, base_vocabulary_size), unknown_id, token_ids)
 
+
+def routing_feature(backbone: keras.Model, images, token_ids):
+    """`(batch, 2 d)` routing feature on a base backbone's encoders: the mean direction of its
+    image encoder's tokens and that of its text encoder's real tokens (`token_ids` in the base's
+    vocabulary), side by side. The image and the question each have to fit an expert's key."""
+    image = l2_normalize(ops.mean(l2_normalize(backbone.get_layer("image_encoder")(images)), axis=1))
+    real = ops.expand_dims(ops.cast(ops.not_equal(token_ids, 0), "float32"), -1)
+    text = l2_normalize(ops.sum(l2_normalize(backbone.get_layer("text_encoder")(token_ids)) * real, axis=1))
+    return ops.concatenate([image, text], axis=-1)
+
+
+def base_routing_features(base: Base, dataset) -> np.ndarray:
+    """`(examples, 2 d)` routing features (`routing_feature`) of `dataset`'s batches
+    on the base's encoders, words the base lacks read as its unknown id."""
     features = []
     for batch in dataset:
         inputs = batch[0] if isinstance(batch, tuple) else batch
